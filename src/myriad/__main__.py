@@ -1,0 +1,3 @@
+from myriad.cli import main
+
+raise SystemExit(main())

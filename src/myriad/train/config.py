@@ -1,0 +1,28 @@
+"""Typed configuration of the training loop; plain values only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Optimiser, schedule, batch geometry, evaluation and checkpoint cadence."""
+
+    seed: int = 0
+    steps: int = 300  # optimizer steps
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 30
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    eval_every: int = 50  # held-out loss every N steps (and at the end)
+    eval_batches: int = 8
+    checkpoint_every: int = 100  # and always at the end
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16" or "fp32"

@@ -1,5 +1,102 @@
-"""The ``myriad`` command (placeholder until the sub-commands land)."""
+"""The ``myriad`` command: parses arguments and calls one function per sub-command.
+
+User mistakes (``UserError``) print one line on stderr and exit with status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from myriad.errors import UserError
+
+
+def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", default="tiny-zh", help="shipped recipe name or a .toml path")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one recipe value, e.g. --set train.steps=100 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="myriad", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    pretrain = sub.add_parser("pretrain", help="pre-train an MoE language model from a recipe")
+    _add_recipe_args(pretrain)
+    pretrain.add_argument("--data", help="corpus path or glob (.txt, .jsonl, .parquet)")
+    pretrain.add_argument("--out", help="run directory (default: runs/RECIPE)")
+    pretrain.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in --out"
+    )
+    pretrain.set_defaults(func=cmd_pretrain)
+
+    info = sub.add_parser("info", help="describe a recipe or a checkpoint")
+    info.add_argument("target", help="recipe name, .toml path, run directory or checkpoint")
+    info.add_argument("--set", dest="overrides", action="append", default=[])
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from myriad.config import load_recipe
+    from myriad.train.pretrain import run_pretrain
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.corpus={_toml_string(args.data)}")
+    cfg = load_recipe(args.recipe, overrides)
+    out_dir = Path(args.out) if args.out else Path("runs") / cfg.name
+    result = run_pretrain(cfg, out_dir, resume=args.resume)
+    print(
+        "\nDone.\n"
+        f"  checkpoint : {result.checkpoint}\n"
+        f"  tokenizer  : {result.tokenizer_path}\n"
+        f"  metrics    : {result.metrics_path}\n"
+        f"  plots      : {', '.join(str(p) for p in result.plot_paths)}\n"
+        f"  held-out loss {result.first_heldout_loss:.3f} -> {result.final_heldout_loss:.3f}\n"
+        "Next:\n"
+        f"  myriad info {result.checkpoint}\n"
+        f"  tensorboard --logdir {out_dir}\n"
+        f"  myriad pretrain --recipe {args.recipe} --out {out_dir} --resume"
+        "   (after raising --set train.steps=...)"
+    )
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from myriad.config import load_recipe, recipe_path, to_dict
+    from myriad.info import describe
+
+    target = Path(args.target)
+    if target.is_dir() or target.suffix == ".safetensors":
+        from myriad.train.checkpoint import read_checkpoint_info
+
+        print(describe(read_checkpoint_info(target)))
+        return 0
+    recipe_path(args.target)  # a clear error for a name that is neither recipe nor checkpoint
+    cfg = load_recipe(args.target, args.overrides)
+    print(describe({"config": to_dict(cfg)}))
+    return 0
+
+
+def _toml_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def main(argv: list[str] | None = None) -> int:
-    return 0
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"myriad: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("myriad: interrupted", file=sys.stderr)
+        return 130

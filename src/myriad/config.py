@@ -66,6 +66,10 @@ def load_recipe(name_or_path: str = DEFAULT_RECIPE, overrides: list[str] | None 
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not valid TOML: {exc}") from None
     raw.setdefault("name", path.stem)
+    given: dict[str, Any] = {}
+    for item in overrides or []:
+        _apply_override(given, item)
+    from_dict(RunConfig, given, where="--set")  # blame the override, not the recipe file
     for item in overrides or []:
         _apply_override(raw, item)
     cfg = from_dict(RunConfig, raw, where=str(path))

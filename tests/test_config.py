@@ -31,7 +31,12 @@ def test_hunyuan_1t_is_paper_scale():
 def test_overrides_parse_toml_literals():
     cfg = load_recipe(
         "tiny-zh",
-        ["train.lr=3e-4", "model.moe.num_experts=16", "data.whole_word_mask=true", "data.corpus=a.txt"],
+        [
+            "train.lr=3e-4",
+            "model.moe.num_experts=16",
+            "data.whole_word_mask=true",
+            "data.corpus=a.txt",
+        ],
     )
     assert cfg.train.lr == 3e-4
     assert cfg.model.moe.num_experts == 16

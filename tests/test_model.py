@@ -35,7 +35,10 @@ def test_rotary_is_a_rotation_by_position_times_frequency():
         for i in range(head_dim // 2):
             angle = pos / 10000.0 ** (2 * i / head_dim)
             a, b = x[0, 0, pos, i].item(), x[0, 0, pos, i + head_dim // 2].item()
-            expected = (a * math.cos(angle) - b * math.sin(angle), b * math.cos(angle) + a * math.sin(angle))
+            expected = (
+                a * math.cos(angle) - b * math.sin(angle),
+                b * math.cos(angle) + a * math.sin(angle),
+            )
             got = (out[0, 0, pos, i].item(), out[0, 0, pos, i + head_dim // 2].item())
             assert got == pytest.approx(expected, abs=1e-5)
 

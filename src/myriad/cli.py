@@ -13,7 +13,9 @@ from myriad.errors import UserError
 
 
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", default="tiny-zh", help="shipped recipe name or a .toml path")
+    parser.add_argument(
+        "--recipe", help="shipped recipe name or a .toml path (default: tiny-zh, or the run's own)"
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -45,14 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from myriad.config import load_recipe
-    from myriad.train.pretrain import run_pretrain
+    from myriad.config import DEFAULT_RECIPE, build_config, load_recipe, to_dict
+    from myriad.train.pretrain import load_run_config, run_pretrain
 
     overrides = list(args.overrides)
     if args.data:
         overrides.append(f"data.corpus={_toml_string(args.data)}")
-    cfg = load_recipe(args.recipe, overrides)
-    out_dir = Path(args.out) if args.out else Path("runs") / cfg.name
+    recipe = args.recipe or DEFAULT_RECIPE
+    out_dir = Path(args.out) if args.out else Path("runs") / Path(recipe).stem
+    if args.resume and args.recipe is None and (out_dir / "config.json").is_file():
+        # Resuming continues the run's own config; --set may still change e.g. train.steps.
+        cfg = build_config(to_dict(load_run_config(out_dir)), overrides, str(out_dir))
+    else:
+        cfg = load_recipe(recipe, overrides)
     result = run_pretrain(cfg, out_dir, resume=args.resume)
     print(
         "\nDone.\n"
@@ -64,8 +71,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         "Next:\n"
         f"  myriad info {result.checkpoint}\n"
         f"  tensorboard --logdir {out_dir}\n"
-        f"  myriad pretrain --recipe {args.recipe} --out {out_dir} --resume"
-        "   (after raising --set train.steps=...)"
+        f"  myriad pretrain --out {out_dir} --resume --set train.steps=N   (train on to step N)"
     )
     return 0
 

@@ -66,13 +66,18 @@ def load_recipe(name_or_path: str = DEFAULT_RECIPE, overrides: list[str] | None 
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not valid TOML: {exc}") from None
     raw.setdefault("name", path.stem)
+    return build_config(raw, overrides or [], where=str(path))
+
+
+def build_config(raw: dict[str, Any], overrides: list[str], where: str) -> RunConfig:
+    """A validated ``RunConfig`` from a plain dict (a recipe, a run's config.json) plus overrides."""
     given: dict[str, Any] = {}
-    for item in overrides or []:
+    for item in overrides:
         _apply_override(given, item)
     from_dict(RunConfig, given, where="--set")  # blame the override, not the recipe file
-    for item in overrides or []:
+    for item in overrides:
         _apply_override(raw, item)
-    cfg = from_dict(RunConfig, raw, where=str(path))
+    cfg = from_dict(RunConfig, raw, where=where)
     cfg.model.validate()
     return cfg
 
@@ -109,7 +114,7 @@ def from_dict(cls: type, raw: dict[str, Any], where: str, prefix: str = "") -> A
 
 
 def _convert(hint: Any, value: Any, where: str, key: str) -> Any:
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise UserError(f"{where}: {key} must be a section (table), got {value!r}")
         return from_dict(hint, value, where, prefix=f"{key}.")

@@ -32,7 +32,9 @@ def describe(info: dict[str, Any]) -> str:
     moe = cfg.model.moe
     moe_layers = sum(cfg.model.is_moe_layer(i) for i in range(cfg.model.n_layers))
     lines = [f"# {cfg.name}: {cfg.description}".rstrip(": "), ""]
-    lines += _config_lines({k: v for k, v in info["config"].items() if k not in ("name", "description")})
+    lines += _config_lines(
+        {k: v for k, v in info["config"].items() if k not in ("name", "description")}
+    )
     lines += [
         "",
         "parameters",

@@ -33,7 +33,7 @@ def zh_news_path() -> Path:
 
 
 def _strip_token(token: str) -> str:
-    """``[中央/n`` -> ``中央``; ``电台/n]nt`` -> ``电台``; ``[/w`` -> ``[``; ``１２月/t`` -> ``１２月``."""
+    """``[中央/n`` -> ``中央``; ``电台/n]nt`` -> ``电台``; ``[/w`` -> ``[``."""
     word, slash, _tag = token.rpartition("/")  # the closing "]nt" lands in the tag part
     if not slash:  # no tag at all: keep the token as a word rather than lose text
         return token

@@ -61,7 +61,10 @@ class ModelConfig:
                 "model.n_heads must be divisible by model.n_kv_heads",
             ),
             ((self.d_model // self.n_heads) % 2 == 0, "model head dim must be even for rotary"),
-            (1 <= self.moe.top_k <= self.moe.num_experts, "model.moe.top_k must be in [1, num_experts]"),
+            (
+                1 <= self.moe.top_k <= self.moe.num_experts,
+                "model.moe.top_k must be in [1, num_experts]",
+            ),
             (self.moe.capacity_factor >= 0, "model.moe.capacity_factor must be >= 0"),
             (self.moe.every >= 0, "model.moe.every must be >= 0"),
         ]

@@ -1,7 +1,10 @@
-"""The MoE feed-forward layer: route, sort tokens by expert, run all experts as one grouped matmul.
+"""The MoE feed-forward layer: route, move tokens to their experts' rows, run all experts at once.
 
-Shape legend: T tokens, D model dim, E experts, K top-k, F expert hidden,
-A routed assignments (T*K, minus any dropped by a capacity limit).
+How the rows are laid out and multiplied is a *dispatch strategy* (see ``moe_dispatch``), chosen
+per call from the shape by :func:`choose_strategy` unless ``MoEFeedForward.dispatch_strategy``
+forces one; every strategy computes the same function exactly.
+
+Shape legend: T tokens, D model dim, E experts, K top-k, F expert hidden, A = T*K assignments.
 """
 
 from __future__ import annotations
@@ -9,12 +12,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from myriad.model.config import MoEConfig
 from myriad.model.layers import SwiGLU
+from myriad.model.moe_dispatch import (
+    STRATEGIES,
+    combine,
+    dispatch,
+    grouped_mm_fn,
+    plan_dispatch,
+    swiglu_experts,
+)
 from myriad.model.router import TopKRouter
+
+# Mean assignments per expert from which grouped_mm beats the padded bmm (measured: see
+# docs/moe.md). Below it, experts are small and the weights' memory traffic dominates, which one
+# padded bmm streams best; the padding costs compute that would otherwise sit idle.
+GROUPED_MIN_ROWS_PER_EXPERT = {"cpu": 128, "cuda": 256}
+# CUDA's grouped matmul takes at most this many groups per call.
+MAX_GROUPS = 1024
 
 
 @dataclass
@@ -28,68 +45,81 @@ class MoEOutput:
     dropped_fraction: torch.Tensor  # share of assignments dropped by the capacity limit
 
 
-def _grouped_mm_reference(x_AD: torch.Tensor, w_EDN: torch.Tensor, offs_E: torch.Tensor):
-    """Exact fallback for builds without a grouped matmul: one matmul per expert."""
-    ends = offs_E.tolist()
-    starts = [0, *ends[:-1]]
-    outs = [x_AD[s:e] @ w_EDN[i] for i, (s, e) in enumerate(zip(starts, ends, strict=True))]
-    return torch.cat(outs) if outs else x_AD.new_zeros(0, w_EDN.shape[-1])
+def choose_strategy(
+    num_assignments: int, num_experts: int, device: torch.device, dtype: torch.dtype
+) -> str:
+    """Pick the dispatch strategy for a shape: grouped when experts are busy, else padded.
 
-
-def grouped_mm(x_AD: torch.Tensor, w_EDN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-    """Rows ``offs[e-1]:offs[e]`` of ``x`` times ``w[e]``, for every expert e."""
-    fn = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-    if fn is None:
-        return _grouped_mm_reference(x_AD, w_EDN, offs_E)
-    return fn(x_AD, w_EDN, offs=offs_E.to(torch.int32))
+    grouped_mm on CUDA wants 16-bit inputs and at most ``MAX_GROUPS`` experts; builds without a
+    grouped matmul use the padded bmm (exact, and fast at every size we measured).
+    """
+    if grouped_mm_fn() is None:
+        return "padded"
+    on_cuda = device.type == "cuda"
+    if on_cuda and dtype not in (torch.bfloat16, torch.float16):
+        return "padded"
+    threshold = GROUPED_MIN_ROWS_PER_EXPERT["cuda" if on_cuda else "cpu"]
+    if num_assignments < threshold * num_experts:
+        return "padded"
+    return "chunked" if on_cuda and num_experts > MAX_GROUPS else "grouped"
 
 
 class MoEFeedForward(nn.Module):
-    """Dropless (or capacity-limited) top-k mixture of SwiGLU experts, plus optional shared experts."""
+    """Dropless (or capacity-limited) top-k mixture of SwiGLU experts, plus optional shared experts.
+
+    Attributes:
+        dispatch_strategy: "auto" (by shape) or one of ``moe_dispatch.STRATEGIES``; settable
+            after construction (tests and benchmarks pin each strategy this way).
+        max_groups: experts per grouped_mm call in the "chunked" strategy.
+    """
 
     def __init__(self, d_model: int, cfg: MoEConfig) -> None:
         super().__init__()
         self.cfg = cfg
         E, D, F_ = cfg.num_experts, d_model, cfg.d_expert
         self.router = TopKRouter(d_model, cfg)
-        # Gate and up projections side by side: one grouped matmul computes both.
+        # Gate and up projections side by side: one batched matmul computes both.
         self.w_in_EDF2 = nn.Parameter(torch.empty(E, D, 2 * F_))
         self.w_out_EFD = nn.Parameter(torch.empty(E, F_, D))
         self.shared = (
             SwiGLU(d_model, cfg.num_shared_experts * F_) if cfg.num_shared_experts > 0 else None
         )
+        self.dispatch_strategy = "auto"
+        self.max_groups = MAX_GROUPS
+
+    def capacity(self, num_tokens: int) -> int:
+        """Most assignments one expert keeps (0: dropless)."""
+        cfg = self.cfg
+        if cfg.capacity_factor <= 0:
+            return 0
+        return int(cfg.capacity_factor * num_tokens * cfg.top_k / cfg.num_experts + 0.999999)
+
+    def strategy_for(self, x_TD: torch.Tensor) -> str:
+        if self.dispatch_strategy != "auto":
+            if self.dispatch_strategy not in STRATEGIES:
+                raise ValueError(f"dispatch_strategy must be 'auto' or one of {STRATEGIES}")
+            return self.dispatch_strategy
+        num_assignments = x_TD.shape[0] * self.cfg.top_k
+        return choose_strategy(num_assignments, self.cfg.num_experts, x_TD.device, x_TD.dtype)
 
     def forward(self, x_TD: torch.Tensor) -> MoEOutput:
         routing = self.router(x_TD)
-        T, K, E = x_TD.shape[0], self.cfg.top_k, self.cfg.num_experts
-        expert_ids_A = routing.expert_ids_TK.flatten()
-        order_A = torch.argsort(expert_ids_A, stable=True)
-        counts_E = torch.bincount(expert_ids_A, minlength=E)
+        T, K = x_TD.shape[0], self.cfg.top_k
+        capacity = self.capacity(T)
+        plan = plan_dispatch(
+            routing.expert_ids_TK,
+            routing.counts_E,
+            self.strategy_for(x_TD),
+            capacity,
+            self.max_groups,
+        )
+        x_rows = dispatch(x_TD, plan)
+        y_rows = swiglu_experts(x_rows, self.w_in_EDF2, self.w_out_EFD, plan.mm)
+        y_TD = combine(y_rows, routing.weights_TK, plan)
         dropped = x_TD.new_zeros((), dtype=torch.float32)
-        if self.cfg.capacity_factor > 0:
-            order_A, counts_kept_E = self._apply_capacity(order_A, expert_ids_A, counts_E, T)
-            dropped = 1.0 - counts_kept_E.sum().float() / max(T * K, 1)
-        else:
-            counts_kept_E = counts_E
-        token_A = order_A // K
-        offs_E = torch.cumsum(counts_kept_E, dim=0)
-
-        x_AD = x_TD[token_A]
-        h_AF2 = grouped_mm(x_AD, self.w_in_EDF2, offs_E)
-        gate_AF, up_AF = h_AF2.chunk(2, dim=-1)
-        y_AD = grouped_mm(F.silu(gate_AF) * up_AF, self.w_out_EFD, offs_E)
-        weight_A = routing.weights_TK.flatten()[order_A].to(y_AD.dtype)
-        y_TD = torch.zeros_like(x_TD).index_add_(0, token_A, y_AD * weight_A[:, None])
+        if capacity > 0:
+            kept = routing.counts_E.clamp(max=capacity).sum().float()
+            dropped = 1.0 - kept / max(T * K, 1)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
-        return MoEOutput(y_TD, routing.load_balance_loss, routing.z_loss, counts_E, dropped)
-
-    def _apply_capacity(self, order_A, expert_ids_A, counts_E, num_tokens):
-        """Keep, per expert, the first ``capacity`` assignments in token order; drop the rest."""
-        cfg = self.cfg
-        capacity = int(cfg.capacity_factor * num_tokens * cfg.top_k / cfg.num_experts + 0.999999)
-        starts_E = torch.cumsum(counts_E, dim=0) - counts_E
-        sorted_ids_A = expert_ids_A[order_A]
-        rank_in_expert_A = torch.arange(order_A.numel(), device=order_A.device) - starts_E[sorted_ids_A]
-        keep_A = rank_in_expert_A < capacity
-        return order_A[keep_A], counts_E.clamp(max=capacity)
+        return MoEOutput(y_TD, routing.load_balance_loss, routing.z_loss, routing.counts_E, dropped)

@@ -22,6 +22,7 @@ class Routing:
     expert_ids_TK: torch.Tensor  # int64
     load_balance_loss: torch.Tensor  # Switch loss, unscaled (1.0 when perfectly balanced)
     z_loss: torch.Tensor  # mean squared log-partition of the router logits, unscaled
+    counts_E: torch.Tensor  # int64 assignments per expert (before any capacity drop)
 
 
 class TopKRouter(nn.Module):
@@ -31,6 +32,8 @@ class TopKRouter(nn.Module):
     shifts which experts are *selected*, never the weights they are combined with; the trainer
     nudges it after each step through :meth:`update_bias`.
     """
+
+    selection_bias_E: torch.Tensor
 
     def __init__(self, d_model: int, cfg: MoEConfig) -> None:
         super().__init__()
@@ -53,11 +56,14 @@ class TopKRouter(nn.Module):
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
 
         num_tokens = x_TD.shape[0]
-        counts_E = torch.bincount(expert_ids_TK.flatten(), minlength=self.num_experts)
+        # scatter_add, unlike bincount, needs no host sync on CUDA.
+        ids_A = expert_ids_TK.flatten()
+        counts_E = torch.zeros(self.num_experts, dtype=torch.int64, device=ids_A.device)
+        counts_E.scatter_add_(0, ids_A, torch.ones_like(ids_A))
         fraction_E = counts_E.float() / max(num_tokens * self.top_k, 1)
         load_balance_loss = self.num_experts * (fraction_E * probs_TE.mean(dim=0)).sum()
         z_loss = torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
-        return Routing(weights_TK, expert_ids_TK, load_balance_loss, z_loss)
+        return Routing(weights_TK, expert_ids_TK, load_balance_loss, z_loss, counts_E)
 
     @torch.no_grad()
     def update_bias(self, tokens_per_expert_E: torch.Tensor) -> None:

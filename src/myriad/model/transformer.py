@@ -87,7 +87,9 @@ class MoETransformerLM(nn.Module):
         """Final hidden states plus the MoE layers' outputs (for losses and statistics)."""
         seq_len = input_ids_BS.shape[1]
         if seq_len > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {seq_len} exceeds max_seq_len {self.cfg.max_seq_len}")
+            raise ValueError(
+                f"sequence length {seq_len} exceeds max_seq_len {self.cfg.max_seq_len}"
+            )
         mask_BS = attention_mask_BS.bool() if attention_mask_BS is not None else None
         x_BSD = self.embed(input_ids_BS)
         moe_outs = []

@@ -24,5 +24,6 @@ class TrainConfig:
     eval_every: int = 50  # held-out loss every N steps (and at the end)
     eval_batches: int = 8
     checkpoint_every: int = 100  # and always at the end
+    keep_checkpoints: int = 3  # newest step-* directories kept; 0 keeps every checkpoint
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16" or "fp32"

@@ -24,7 +24,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
     ``named_parameters`` yields a tied tensor once, so the shared embedding lands in one group.
     """
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for _, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)

@@ -1,0 +1,339 @@
+"""Moving tokens to experts and back, and the expert SwiGLU itself, as exact hand-written autograd.
+
+Every strategy runs the same three steps on a *row buffer* that holds one row per (expert, slot):
+
+1. ``dispatch``: copy each token's hidden state to the row(s) of the experts it was routed to;
+2. ``swiglu_experts``: one batched SwiGLU over the rows, expert e's rows times expert e's weights;
+3. ``combine``: gather each assignment's output row, weight it, sum the k of each token.
+
+Only the row layout and the batched matmul differ between strategies (a :class:`ExpertMatmul`):
+
+* ``grouped``: rows packed and sorted by expert (no padding), ``grouped_mm`` with offsets.
+  Best when experts get many tokens each (compute-bound); no host sync when dropless.
+* ``padded``: an (E, C1, D) buffer, one ``bmm`` over all experts, plus a small second tier
+  (H, C2, D) for the few experts loaded beyond C1 (:func:`padded_tiers` picks C1). Best when
+  experts get few tokens each: one ``bmm`` over many small experts runs several times faster
+  than ``grouped_mm``'s per-group matmuls; the zero rows cost compute, not weight traffic.
+* ``chunked``: ``grouped`` over chunks of at most ``max_groups`` experts (CUDA's grouped matmul
+  takes at most 1,024 groups); one host sync reads the chunks' row boundaries.
+* ``loop``: one ``mm`` per expert; the exact fallback where no grouped matmul exists.
+
+Dropped assignments (capacity limit) point at a trash row past the buffer's end; they reach no
+expert and get zero output and zero gradient. All index maps are permutations, so the backward
+passes gather instead of ``index_add_`` (deterministic, no atomics, no huge zero-fill).
+
+Shape legend: T tokens, D model dim, E experts, K top-k, F expert hidden, A = T*K assignments,
+R buffer rows, C rows per expert in the padded layout, N output width of one matmul.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+STRATEGIES = ("grouped", "padded", "chunked", "loop")
+
+
+def grouped_mm_fn():
+    """The build's grouped matmul (``F.grouped_mm`` or ``torch._grouped_mm``), or None."""
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+class ExpertMatmul:
+    """Per-expert matmuls over a row buffer: ``fwd`` x@w, ``dgrad`` dy@wᵀ, ``wgrad`` xᵀ@dy."""
+
+    def fwd(self, x: torch.Tensor, w_EKN: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dgrad(self, dy: torch.Tensor, w_EKN: torch.Tensor) -> torch.Tensor:
+        return self.fwd(dy, w_EKN.transpose(1, 2))
+
+    def wgrad(self, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class PaddedMatmul(ExpertMatmul):
+    """Rows in two padded tiers, each one ``bmm``: all E experts x C1 rows, then the overflow.
+
+    Tier 1 holds every expert's first C1 rows as (E, C1, ·). The few experts loaded beyond C1
+    (``heavy_H``) get their remaining rows in tier 2, (H, C2, ·), multiplied by a gathered copy
+    of just their weights. With C1 = the largest load there is no tier 2 (plain padded bmm).
+    """
+
+    def __init__(self, num_experts: int, c1: int, heavy_H: torch.Tensor, c2: int) -> None:
+        self.num_experts, self.c1, self.heavy_H, self.c2 = num_experts, c1, heavy_H, c2
+
+    def _tier1(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows[: self.num_experts * self.c1].view(self.num_experts, self.c1, -1)
+
+    def _tier2(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows[self.num_experts * self.c1 :].view(self.heavy_H.numel(), self.c2, -1)
+
+    def fwd(self, x_RK, w_EKN):
+        y_RN = x_RK.new_empty(x_RK.shape[0], w_EKN.shape[-1])
+        torch.bmm(self._tier1(x_RK), w_EKN, out=self._tier1(y_RN))
+        if self.c2:
+            w_HKN = w_EKN.index_select(0, self.heavy_H)
+            torch.bmm(self._tier2(x_RK), w_HKN, out=self._tier2(y_RN))
+        return y_RN
+
+    def wgrad(self, x_RK, dy_RN):
+        dw_EKN = torch.bmm(self._tier1(x_RK).transpose(1, 2), self._tier1(dy_RN))
+        if self.c2:
+            dw_HKN = torch.bmm(self._tier2(x_RK).transpose(1, 2), self._tier2(dy_RN))
+            dw_EKN.index_add_(0, self.heavy_H, dw_HKN)
+        return dw_EKN
+
+
+# What tier 2 costs per heavy expert, in rows of compute: its weights are gathered forward and
+# backward and its gradient added back. A 2-core CPU does ~100 GFLOP/s against ~20 GB/s (16
+# rows); an H200 ~780 TFLOP/s against 4.2 TB/s in bf16 (~250 rows: tier 2 rarely pays there).
+HEAVY_EXPERT_COST_ROWS = {"cpu": 16, "cuda": 256}
+
+
+def padded_tiers(counts_E: torch.Tensor, heavy_cost_rows: int) -> tuple[int, torch.Tensor, int]:
+    """Choose C1 minimising padded rows + heavy-expert overhead; returns (C1, heavy_H, C2).
+
+    Routing loads are skewed (a top-2 router's busiest of 64 experts gets ~1.6x the mean), so
+    padding everyone to the maximum wastes a third of the compute; a second small tier for the
+    few busiest experts recovers most of it. Reads the loads on the host (one sync on CUDA).
+    """
+    loads = counts_E.cpu()
+    top = max(int(loads.max()), 1) if loads.numel() else 1
+    c1_C = torch.arange(1, top + 1)
+    heavy_C = (loads[None, :] > c1_C[:, None]).sum(1)
+    cost_C = loads.numel() * c1_C + heavy_C * (top - c1_C + heavy_cost_rows)
+    c1 = int(c1_C[int(cost_C.argmin())])
+    heavy_H = torch.nonzero(counts_E > c1).flatten()
+    return c1, heavy_H, (top - c1 if heavy_H.numel() else 0)
+
+
+class GroupedMatmul(ExpertMatmul):
+    """Rows packed by expert; ``offs_E`` (int32, cumulative) marks where each expert's rows end."""
+
+    def __init__(self, offs_E: torch.Tensor) -> None:
+        self.offs_E = offs_E.to(torch.int32)
+        self.fn = grouped_mm_fn()
+
+    def fwd(self, x_RK, w_EKN):
+        return self.fn(x_RK, w_EKN, offs=self.offs_E)
+
+    def wgrad(self, x_RK, dy_RN):
+        return self.fn(x_RK.t(), dy_RN, offs=self.offs_E)
+
+
+class LoopMatmul(ExpertMatmul):
+    """One ``mm`` per expert (exact reference and fallback); reads the offsets once."""
+
+    def __init__(self, offs_E: torch.Tensor) -> None:
+        ends = offs_E.tolist()
+        self.bounds = list(zip([0, *ends[:-1]], ends, strict=True))
+
+    def fwd(self, x_RK, w_EKN):
+        outs = [x_RK[s:e] @ w_EKN[i] for i, (s, e) in enumerate(self.bounds)]
+        return torch.cat(outs) if outs else x_RK.new_zeros(0, w_EKN.shape[-1])
+
+    def wgrad(self, x_RK, dy_RN):
+        return torch.stack([x_RK[s:e].t() @ dy_RN[s:e] for s, e in self.bounds])
+
+
+class ChunkedMatmul(ExpertMatmul):
+    """``grouped_mm`` over chunks of at most ``max_groups`` experts, each with its own offsets."""
+
+    def __init__(self, offs_E: torch.Tensor, max_groups: int) -> None:
+        num_experts = offs_E.numel()
+        firsts = list(range(0, num_experts, max_groups))
+        ends = offs_E[[min(f + max_groups, num_experts) - 1 for f in firsts]].tolist()  # one sync
+        starts = [0, *ends[:-1]]
+        self.chunks = []
+        for first, start, end in zip(firsts, starts, ends, strict=True):
+            local = GroupedMatmul(offs_E[first : first + max_groups] - start)
+            self.chunks.append((slice(first, first + max_groups), slice(start, end), local))
+
+    def fwd(self, x_RK, w_EKN):
+        return torch.cat([mm.fwd(x_RK[rows], w_EKN[exp]) for exp, rows, mm in self.chunks])
+
+    def wgrad(self, x_RK, dy_RN):
+        return torch.cat([mm.wgrad(x_RK[rows], dy_RN[rows]) for _, rows, mm in self.chunks])
+
+
+class _SwiGLUExperts(torch.autograd.Function):
+    """y = (silu(x@W_gate) * (x@W_up)) @ W_out per expert, saving only x and the pre-activation.
+
+    Autograd on the plain expression would also keep silu(gate) and the product (two more
+    (R, F) tensors) and run four separate elementwise backward kernels; here the backward
+    recomputes them with one fused ``silu_backward`` and writes dgate/dup straight into dh.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_in_EDF2, w_out_EFD, mm: ExpertMatmul):
+        h_RF2 = mm.fwd(x, w_in_EDF2)
+        gate, up = h_RF2.chunk(2, dim=-1)
+        y = mm.fwd(F.silu(gate).mul_(up), w_out_EFD)
+        ctx.save_for_backward(x, h_RF2, w_in_EDF2, w_out_EFD)
+        ctx.mm = mm
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, h_RF2, w_in_EDF2, w_out_EFD = ctx.saved_tensors
+        mm: ExpertMatmul = ctx.mm
+        gate, up = h_RF2.chunk(2, dim=-1)
+        silu_gate = F.silu(gate)
+        dw_out = mm.wgrad(silu_gate * up, dy)
+        dact = mm.dgrad(dy, w_out_EFD)
+        dh_RF2 = torch.empty_like(h_RF2)
+        dgate, dup = dh_RF2.chunk(2, dim=-1)
+        torch.mul(dact, silu_gate, out=dup)
+        torch.ops.aten.silu_backward.grad_input(dact.mul_(up), gate, grad_input=dgate)
+        dw_in = mm.wgrad(x, dh_RF2)
+        dx = mm.dgrad(dh_RF2, w_in_EDF2) if ctx.needs_input_grad[0] else None
+        return dx, dw_in, dw_out, None
+
+
+def swiglu_experts(x, w_in_EDF2, w_out_EFD, mm: ExpertMatmul) -> torch.Tensor:
+    """Every expert's SwiGLU on its rows of ``x`` (a row buffer in ``mm``'s layout)."""
+    return _SwiGLUExperts.apply(x, w_in_EDF2, w_out_EFD, mm)
+
+
+@dataclass
+class DispatchPlan:
+    """Where each assignment lives in the row buffer; built once per forward, no autograd."""
+
+    slot_A: torch.Tensor  # row of assignment a = t*K + k; ``num_rows`` (the trash row) if dropped
+    keep_A: torch.Tensor | None  # False where the capacity limit dropped the assignment
+    num_rows: int  # R
+    zero_fill: bool  # padded layouts have rows no assignment writes; they must read as zeros
+    mm: ExpertMatmul
+
+
+def plan_dispatch(
+    expert_ids_TK: torch.Tensor,
+    counts_E: torch.Tensor,
+    strategy: str,
+    capacity: int,
+    max_groups: int,
+) -> DispatchPlan:
+    """Rank every assignment within its expert (token order) and give it a buffer row.
+
+    Args:
+        counts_E: assignments per expert (int64), as the router counted them.
+        capacity: most assignments an expert keeps (first in token order); 0 for dropless.
+        max_groups: experts per ``grouped_mm`` call in the chunked strategy.
+    """
+    ids_A = expert_ids_TK.flatten()
+    A, E = ids_A.numel(), counts_E.numel()
+    order_A = torch.argsort(ids_A, stable=True)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    rank_A = torch.empty_like(ids_A)
+    rank_A[order_A] = torch.arange(A, device=ids_A.device) - starts_E[ids_A[order_A]]
+    kept_E = counts_E.clamp(max=capacity) if capacity > 0 else counts_E
+    keep_A = rank_A < capacity if capacity > 0 else None
+
+    if strategy == "padded":
+        if capacity > 0:  # static shape: no host sync
+            c1, heavy_H, c2 = capacity, ids_A.new_zeros(0), 0
+        else:
+            cost = HEAVY_EXPERT_COST_ROWS.get(ids_A.device.type, HEAVY_EXPERT_COST_ROWS["cuda"])
+            c1, heavy_H, c2 = padded_tiers(counts_E, cost)
+        heavy_rank_E = torch.full((E,), -1, dtype=torch.int64, device=ids_A.device)
+        heavy_rank_E[heavy_H] = torch.arange(heavy_H.numel(), device=ids_A.device)
+        overflow_A = E * c1 + heavy_rank_E[ids_A] * c2 + (rank_A - c1)
+        slot_A = torch.where(rank_A < c1, ids_A * c1 + rank_A, overflow_A)
+        num_rows = E * c1 + heavy_H.numel() * c2
+        mm: ExpertMatmul = PaddedMatmul(E, c1, heavy_H, c2)
+    else:
+        offs_E = torch.cumsum(kept_E, 0)
+        slot_A = offs_E[ids_A] - kept_E[ids_A] + rank_A
+        num_rows = A if keep_A is None else int(offs_E[-1])
+        if strategy == "grouped":
+            mm = GroupedMatmul(offs_E)
+        elif strategy == "chunked":
+            mm = ChunkedMatmul(offs_E, max_groups)
+        elif strategy == "loop":
+            mm = LoopMatmul(offs_E)
+        else:
+            raise ValueError(
+                f"unknown MoE dispatch strategy {strategy!r}; choose from {STRATEGIES}"
+            )
+    if keep_A is not None:
+        slot_A = torch.where(keep_A, slot_A, num_rows)
+    return DispatchPlan(slot_A, keep_A, num_rows, strategy == "padded", mm)
+
+
+class _Dispatch(torch.autograd.Function):
+    """x_TD -> row buffer: row ``slot[t*K+k]`` gets token t. Backward gathers and sums over k."""
+
+    @staticmethod
+    def forward(ctx, x_TD, plan: DispatchPlan):
+        T, D = x_TD.shape
+        A, R = plan.slot_A.numel(), plan.num_rows
+        alloc = torch.zeros if plan.zero_fill else torch.empty
+        buf_RD = alloc(R + 1, D, dtype=x_TD.dtype, device=x_TD.device)  # + the trash row
+        src_AD = x_TD if A == T else x_TD.unsqueeze(1).expand(T, A // T, D).reshape(A, D)
+        buf_RD.index_copy_(0, plan.slot_A, src_AD)
+        ctx.plan, ctx.num_tokens = plan, T
+        return buf_RD[:R]
+
+    @staticmethod
+    def backward(ctx, d_rows):
+        plan: DispatchPlan = ctx.plan
+        T = ctx.num_tokens
+        dx_AD = _gather_rows(d_rows, plan)
+        return dx_AD.view(T, -1, dx_AD.shape[-1]).sum(1), None
+
+
+class _Combine(torch.autograd.Function):
+    """Row buffer -> y_TD = sum_k w[t,k] * row(slot[t*K+k]); dropped assignments add nothing."""
+
+    @staticmethod
+    def forward(ctx, y_RD, weights_TK, plan: DispatchPlan):
+        w_TK = _kept_weights(weights_TK, plan).to(y_RD.dtype)
+        y_TKD = _gather_rows(y_RD, plan).view(*w_TK.shape, -1)
+        ctx.save_for_backward(y_RD, w_TK)
+        ctx.plan = plan
+        return (y_TKD * w_TK.unsqueeze(-1)).sum(1)
+
+    @staticmethod
+    def backward(ctx, dy_TD):
+        y_RD, w_TK = ctx.saved_tensors
+        plan: DispatchPlan = ctx.plan
+        T, K = w_TK.shape
+        R, D = y_RD.shape
+        dw_TK = None
+        if ctx.needs_input_grad[1]:
+            y_TKD = _gather_rows(y_RD, plan).view(T, K, D)
+            dw_TK = torch.bmm(y_TKD, dy_TD.unsqueeze(-1)).view(T, K)  # dropped rows read as 0
+        alloc = torch.zeros if plan.zero_fill else torch.empty
+        d_rows = alloc(R + 1, D, dtype=dy_TD.dtype, device=dy_TD.device)
+        dy_AD = (dy_TD.unsqueeze(1) * w_TK.unsqueeze(-1)).view(T * K, D)
+        d_rows.index_copy_(0, plan.slot_A, dy_AD)
+        return d_rows[:R], dw_TK, None
+
+
+def _kept_weights(weights_TK: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    if plan.keep_A is None:
+        return weights_TK
+    return weights_TK * plan.keep_A.view(weights_TK.shape)
+
+
+def _gather_rows(rows_RD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Row ``slot[a]`` for every assignment a; dropped ones (trash slot) read as zeros."""
+    if plan.keep_A is None:
+        return rows_RD.index_select(0, plan.slot_A)
+    if plan.num_rows == 0:
+        return rows_RD.new_zeros(plan.slot_A.numel(), rows_RD.shape[-1])
+    out_AD = rows_RD.index_select(0, plan.slot_A.clamp(max=plan.num_rows - 1))
+    return out_AD * plan.keep_A.unsqueeze(-1).to(out_AD.dtype)
+
+
+def dispatch(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Token hidden states copied into the plan's row buffer (zeros where no token goes)."""
+    return _Dispatch.apply(x_TD, plan)
+
+
+def combine(y_rows: torch.Tensor, weights_TK: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Each token's weighted sum of its experts' output rows."""
+    return _Combine.apply(y_rows, weights_TK, plan)

@@ -1,0 +1,306 @@
+"""Atomic, self-describing checkpoints under ``<run>/checkpoints/step-NNNNNN/``.
+
+A step directory holds ``model.safetensors`` (weights, tied tensors stored once), ``config.json``
+(the whole run config, so the checkpoint alone rebuilds the model), ``trainer_state.pt``
+(optimizer, scheduler, RNG and data-stream state: what an exact resume needs) and
+``trainer_state.json`` (the same bookkeeping for humans).
+
+Atomicity: everything is written into a hidden temporary directory beside the final one, each file
+and the directory are fsynced, the directory is renamed into place, and only then is the ``latest``
+pointer replaced (temporary file + ``os.replace``). A crash or a full disk at any point leaves the
+previous checkpoint and ``latest`` untouched and no partial ``step-*`` directory; temporary
+directories left by a killed process are removed by the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from myriad.errors import UserError
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+STATE = "trainer_state.pt"
+STATE_JSON = "trainer_state.json"
+LATEST = "latest"
+TMP_PREFIX = ".tmp-"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_weights(path: Path, model: nn.Module) -> None:
+    """``save_model`` stores a tied tensor once and ``load_model`` re-ties it."""
+    save_model(model, str(path), metadata={"format": "pt"})
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _write_state(path: Path, state: dict[str, Any]) -> None:
+    torch.save(state, path)
+
+
+def _remove_stale_temps(root: Path) -> None:
+    """Temporaries of an earlier, killed save: never complete, never pointed to."""
+    for entry in root.glob(f"{TMP_PREFIX}*"):
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def save_checkpoint(
+    root: Path,
+    *,
+    step: int,
+    model: nn.Module,
+    config: dict[str, Any],
+    state: dict[str, Any],
+    summary: dict[str, Any],
+    keep: int = 0,
+) -> Path:
+    """Write checkpoint ``step`` atomically under ``root`` and point ``latest`` at it.
+
+    Args:
+        root: the ``checkpoints`` directory (created if missing).
+        config: the run config as a plain dict (``myriad.config.to_dict``).
+        state: trainer state for ``torch.save`` (tensors, ints, strings, lists, dicts only).
+        summary: the human-readable subset for ``trainer_state.json``.
+        keep: keep only the newest ``keep`` step directories; 0 keeps all.
+
+    Raises:
+        UserError: the checkpoint could not be written (e.g. disk full); the previous one is intact.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(root)
+    final = root / step_dir_name(step)
+    tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+    writers: list[tuple[str, Callable[[Path], None]]] = [
+        (WEIGHTS, lambda p: _write_weights(p, model)),
+        (CONFIG, lambda p: _write_json(p, config)),
+        (STATE, lambda p: _write_state(p, state)),
+        (STATE_JSON, lambda p: _write_json(p, summary)),
+    ]
+    try:
+        tmp.mkdir()
+        for name, write in writers:
+            write(tmp / name)
+            _fsync_file(tmp / name)
+        _fsync_dir(tmp)
+        _move_into_place(tmp, final)
+        _fsync_dir(root)
+        _write_latest(root, final.name)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(
+            f"could not save checkpoint {final}: {exc}; the previous checkpoint is intact"
+        ) from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep > 0:
+        prune_checkpoints(root, keep)
+    return final
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``, replacing an older ``final`` (a step repeated on resume)."""
+    if final.exists():
+        trash = final.with_name(f"{TMP_PREFIX}old-{final.name}-{os.getpid()}")
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def _write_latest(root: Path, name: str) -> None:
+    tmp = root / f"{TMP_PREFIX}{LATEST}-{os.getpid()}"
+    tmp.write_text(name + "\n", encoding="utf-8")
+    _fsync_file(tmp)
+    os.replace(tmp, root / LATEST)
+    _fsync_dir(root)
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete step directories under ``root``, oldest first (temporaries are never listed)."""
+    found = []
+    if root.is_dir():
+        for entry in root.iterdir():
+            match = _STEP_DIR.match(entry.name)
+            if match and entry.is_dir():
+                found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` step directories; the one ``latest`` names survives."""
+    latest = latest_checkpoint(root)
+    for _, path in list_checkpoints(root)[:-keep]:
+        if path != latest:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The step directory ``latest`` names, else the newest complete one, else None."""
+    pointer = root / LATEST
+    if pointer.is_file():
+        target = root / pointer.read_text(encoding="utf-8").strip()
+        if target.is_dir():
+            return target
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A step directory from a run directory, a ``checkpoints`` directory or a step directory."""
+    path = Path(path)
+    if (path / WEIGHTS).exists() or (path / STATE_JSON).exists():
+        return path
+    for root in (path / "checkpoints", path):
+        if root.is_dir():
+            found = latest_checkpoint(root)
+            if found is not None:
+                return found
+    if not path.exists():
+        raise UserError(f"checkpoint path not found: {path}")
+    raise UserError(f"no checkpoint found in {path} (expected a run, checkpoints or step-* dir)")
+
+
+def _require_file(path: Path) -> None:
+    if not path.is_file():
+        raise UserError(f"checkpoint file missing: {path}")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"checkpoint file not readable: {path}")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A checkpoint JSON file; missing or malformed is a user error naming the file."""
+    _require_file(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"corrupt checkpoint file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"corrupt checkpoint file {path}: expected a JSON object")
+    return data
+
+
+def load_weights(model: nn.Module, step_dir: Path) -> None:
+    """Load ``model.safetensors`` into ``model`` (strict); a bad file is a user error naming it."""
+    path = step_dir / WEIGHTS
+    _require_file(path)
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False)
+    except Exception as exc:  # safetensors raises its own error type for corrupt files
+        raise UserError(f"corrupt or truncated checkpoint weights {path}: {exc}") from None
+    if missing or unexpected:
+        raise UserError(
+            f"checkpoint weights {path} do not match the model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+
+
+def load_state(step_dir: Path) -> dict[str, Any]:
+    """``trainer_state.pt`` (tensors and plain values only: loaded with ``weights_only``)."""
+    path = step_dir / STATE
+    _require_file(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and EOF errors all mean the same to the user
+        raise UserError(f"corrupt or truncated trainer state {path}: {exc}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"corrupt trainer state {path}: expected a dict")
+    return state
+
+
+def weights_summary(step_dir: Path) -> dict[str, Any]:
+    """Tensor and parameter counts from the safetensors header; also proves the file is whole.
+
+    Reading the header maps the file and checks that its tensors cover it exactly, so a truncated
+    or garbage file fails here without loading any weights.
+    """
+    path = step_dir / WEIGHTS
+    _require_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = [f.get_slice(name).get_shape() for name in f.keys()]  # noqa: SIM118
+    except Exception as exc:  # safetensors raises its own error type for corrupt files
+        raise UserError(f"corrupt or truncated checkpoint weights {path}: {exc}") from None
+    return {"file": str(path), "tensors": len(shapes), "parameters": sum(map(math.prod, shapes))}
+
+
+def read_checkpoint_info(path: Path | str) -> dict[str, Any]:
+    """Config and training state of a checkpoint, for ``myriad info``; loads no tensors.
+
+    Args:
+        path: a run directory (its latest checkpoint), a ``checkpoints`` directory, a step
+            directory, or a file inside one (e.g. ``model.safetensors``).
+
+    Returns:
+        ``{"path", "step", "config", "state", "weights"}``: ``config`` is the whole run config as
+        a dict, ``state`` the content of ``trainer_state.json`` (step, tokens_seen, losses,
+        elapsed_s, lr, saved_at), ``weights`` the tensor and parameter counts of the weights file.
+
+    Raises:
+        UserError: no checkpoint there, or a missing, unreadable or corrupt file (named).
+    """
+    path = Path(path)
+    step_dir = resolve_checkpoint(path.parent if path.is_file() else path)
+    config = read_json(step_dir / CONFIG)
+    state = read_json(step_dir / STATE_JSON)
+    weights = weights_summary(step_dir)
+    return {
+        "path": str(step_dir),
+        "step": state.get("step"),
+        "config": config,
+        "state": state,
+        "weights": weights,
+    }
+
+
+def load_model_from_checkpoint(path: Path | str, device: str | torch.device = "cpu"):
+    """Rebuild the model a checkpoint describes and load its weights.
+
+    Returns:
+        ``(model, run_config)``: an ``MoETransformerLM`` in eval mode on ``device`` and the
+        ``RunConfig`` it was trained with.
+    """
+    from myriad.config import RunConfig, from_dict
+    from myriad.model import MoETransformerLM
+
+    path = Path(path)
+    step_dir = resolve_checkpoint(path.parent if path.is_file() else path)
+    cfg = from_dict(RunConfig, read_json(step_dir / CONFIG), where=str(step_dir / CONFIG))
+    model = MoETransformerLM(cfg.model)
+    load_weights(model, step_dir)
+    return model.to(device).eval(), cfg

@@ -1,0 +1,289 @@
+"""``myriad pretrain``: prepare data, build the run's objects once, train, checkpoint, plot.
+
+A run directory holds ``config.json`` (the resolved config), ``tokenizer.json`` and the data cache
+(from ``myriad.data``), ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/`` and the PNG plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from myriad.config import RunConfig, from_dict, to_dict
+from myriad.errors import UserError
+from myriad.model import MoETransformerLM, count_parameters
+from myriad.train import checkpoint
+from myriad.train.device import autocast_factory, precision_name, resolve_device
+from myriad.train.loop import BatchStream, Loop, run_loop
+from myriad.train.metrics import MetricsLogger, read_metrics, truncate_metrics
+from myriad.train.optim import build_optimizer, build_scheduler
+from myriad.train.plots import plot_expert_load, plot_losses
+from myriad.train.state import Progress, restore_rng, restore_trainer_state, seed_everything
+from myriad.train.step import Batch, TrainStep
+
+# Keys a resumed run may change: cadences, where it runs, and how long (the cosine then stretches).
+RESUMABLE_CHANGES = frozenset(
+    {
+        "name",
+        "description",
+        "train.steps",
+        "train.eval_every",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "train.device",
+        "train.precision",
+    }
+)
+RUN_MARKERS = ("config.json", "checkpoints", "metrics.jsonl")
+
+
+class PreparedData(Protocol):
+    """What ``myriad.data.prepare_data`` returns (the data pipeline's contract)."""
+
+    tokenizer_path: Path
+    vocab_size: int
+    num_train_sequences: int
+    num_heldout_sequences: int
+    num_tokens: int
+
+    def train_stream(self, batch_size: int, seed: int) -> BatchStream: ...
+    def heldout_batches(self, batch_size: int, max_batches: int, seed: int) -> list[Batch]: ...
+
+
+@dataclass
+class PretrainResult:
+    """Where a finished run put things, and the losses worth printing."""
+
+    out_dir: Path
+    checkpoint: Path  # the final step directory
+    metrics_path: Path  # metrics.jsonl
+    plot_paths: list[Path]  # loss.png, then expert_load.png (absent for a dense model)
+    tokenizer_path: Path
+    steps: int
+    tokens_seen: int
+    final_train_loss: float | None
+    final_heldout_loss: float | None
+    first_heldout_loss: float | None
+
+
+def load_run_config(out_dir: Path) -> RunConfig:
+    """The resolved config a run wrote at start, e.g. for ``--resume`` without a recipe."""
+    path = Path(out_dir) / "config.json"
+    return from_dict(RunConfig, checkpoint.read_json(path), where=str(path))
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two ``to_dict`` trees."""
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def _check_resume_config(saved: dict[str, Any], cfg: dict[str, Any], step_dir: Path) -> list[str]:
+    """Refuse a resume whose config changes what was trained; return the harmless changes."""
+    changed = config_differences(saved, cfg)
+    blocking = [k for k in changed if k not in RESUMABLE_CHANGES]
+    if blocking:
+        details = "; ".join(
+            f"{k}: checkpoint {_get(saved, k)!r}, now {_get(cfg, k)!r}" for k in blocking
+        )
+        raise UserError(
+            f"cannot resume from {step_dir}: config differs from the checkpoint's at {details}"
+        )
+    return changed
+
+
+def _get(tree: dict[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _check_out_dir(out_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run in an empty/new directory."""
+    if resume:
+        found = checkpoint.latest_checkpoint(out_dir / "checkpoints")
+        if found is None:
+            raise UserError(
+                f"--resume: no checkpoint in {out_dir / 'checkpoints'} to resume from; "
+                f"to start over, delete {out_dir} or choose another --out"
+            )
+        return found
+    existing = [m for m in RUN_MARKERS if (out_dir / m).exists()]
+    if existing:
+        raise UserError(
+            f"{out_dir} already holds a run ({', '.join(existing)}); "
+            "pass --resume to continue it, or choose another --out"
+        )
+    return None
+
+
+def _write_config(out_dir: Path, cfg: RunConfig) -> None:
+    tmp = out_dir / ".config.json.tmp"
+    tmp.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, out_dir / "config.json")
+
+
+def _prepare_data(cfg: RunConfig, out_dir: Path) -> PreparedData:
+    """The real data pipeline (looked up at call time, so tests can substitute a small corpus)."""
+    from myriad import data as data_pkg
+
+    prepared: PreparedData = data_pkg.prepare_data(
+        cfg.data,
+        vocab_size=cfg.model.vocab_size,
+        objective=cfg.model.objective,
+        out_dir=out_dir,
+        seed=cfg.train.seed,
+    )
+    if prepared.vocab_size > cfg.model.vocab_size:
+        raise UserError(
+            f"tokenizer has {prepared.vocab_size} ids but model.vocab_size is "
+            f"{cfg.model.vocab_size}; raise model.vocab_size"
+        )
+    return prepared
+
+
+def build_loop(cfg: RunConfig, out_dir: Path, prepared: PreparedData) -> Loop:
+    """Every object of the run, in seed order: model init first, then optimizer, then data."""
+    device = resolve_device(cfg.train.device)
+    autocast = autocast_factory(cfg.train.precision, device)
+    seed_everything(cfg.train.seed)
+    model = MoETransformerLM(cfg.model).to(device)
+    optimizer = build_optimizer(model, cfg.train, device)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    step_fn = TrainStep(
+        model, optimizer, scheduler, grad_clip=cfg.train.grad_clip, autocast=autocast, device=device
+    )
+    t = cfg.train
+    return Loop(
+        train_cfg=t,
+        config_dict=to_dict(cfg),
+        checkpoint_root=out_dir / "checkpoints",
+        model=model,
+        step_fn=step_fn,
+        stream=prepared.train_stream(t.batch_size, t.seed),
+        heldout=prepared.heldout_batches(t.batch_size, t.eval_batches, t.seed),
+        autocast=autocast,
+        device=device,
+    )
+
+
+def _restore(loop: Loop, step_dir: Path) -> Progress:
+    """Weights, optimizer, schedule, data position, then the RNGs (last, so nothing moves them)."""
+    checkpoint.load_weights(loop.model, step_dir)
+    state = checkpoint.load_state(step_dir)
+    progress = restore_trainer_state(state, loop.step_fn.optimizer, loop.step_fn.scheduler)
+    loop.stream.load_state_dict(state["data_stream"])
+    restore_rng(state["rng"])
+    return progress
+
+
+def _validate(cfg: RunConfig) -> None:
+    t = cfg.train
+    for key, value in (
+        ("steps", t.steps),
+        ("batch_size", t.batch_size),
+        ("grad_accum", t.grad_accum),
+    ):
+        if value < 1:
+            raise UserError(f"train.{key} must be >= 1, got {value}")
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        raise UserError(
+            f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})"
+        )
+
+
+def _log_start(log: Callable, cfg: RunConfig, loop: Loop, prepared: PreparedData) -> None:
+    counts = count_parameters(cfg.model)
+    t = cfg.train
+    tokens_per_step = t.batch_size * t.grad_accum * cfg.data.seq_len
+    log(f"params: {counts.total:,} total, {counts.active:,} active per token")
+    log(
+        f"data: {prepared.num_tokens:,} tokens; {prepared.num_train_sequences:,} train and "
+        f"{prepared.num_heldout_sequences:,} held-out sequences of {cfg.data.seq_len}"
+    )
+    log(
+        f"device: {loop.device} ({precision_name(t.precision, loop.device)}); {t.steps} steps of "
+        f"{tokens_per_step:,} tokens = {t.steps * tokens_per_step:,} tokens"
+    )
+
+
+def run_pretrain(
+    cfg: RunConfig,
+    out_dir: Path,
+    *,
+    resume: bool = False,
+    data_path: str | None = None,
+    log: Callable[[str], Any] = print,
+) -> PretrainResult:
+    """Pre-train ``cfg`` into ``out_dir``; with ``resume`` continue from its latest checkpoint.
+
+    A resumed CPU run produces the same loss sequence, bit for bit, as one never interrupted.
+
+    Raises:
+        UserError: ``out_dir`` holds a run and ``resume`` is False; ``resume`` without a
+            checkpoint, or with a config that changes a trained-on key; bad data or config.
+    """
+    out_dir = Path(out_dir)
+    if data_path:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, corpus=data_path))
+    _validate(cfg)
+    resume_from = _check_out_dir(out_dir, resume)
+    if resume_from is not None:
+        saved = checkpoint.read_json(resume_from / checkpoint.CONFIG)
+        for key in _check_resume_config(saved, to_dict(cfg), resume_from):
+            log(f"resume: {key} changed from {_get(saved, key)!r} to {_get(to_dict(cfg), key)!r}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prepared = _prepare_data(cfg, out_dir)  # bad data fails here, before the run is marked
+    loop = build_loop(cfg, out_dir, prepared)
+    _write_config(out_dir, cfg)
+    _log_start(log, cfg, loop, prepared)
+    progress = Progress()
+    if resume_from is not None:
+        progress = _restore(loop, resume_from)
+        truncate_metrics(out_dir / "metrics.jsonl", progress.step)
+        log(f"resuming from {resume_from} (step {progress.step})")
+
+    metrics = MetricsLogger(out_dir, total_steps=cfg.train.steps, start_step=progress.step, log=log)
+    try:
+        progress = run_loop(loop, progress, metrics)
+    finally:
+        metrics.close()
+    return _finish(out_dir, loop, progress, prepared, metrics.path)
+
+
+def _finish(
+    out_dir: Path, loop: Loop, progress: Progress, prepared: PreparedData, metrics_path: Path
+) -> PretrainResult:
+    """Plots from the whole run's metrics; the final checkpoint (saved now if the loop had none)."""
+    final = checkpoint.latest_checkpoint(loop.checkpoint_root)
+    if final is None or final.name != checkpoint.step_dir_name(progress.step):
+        from myriad.train.loop import save
+
+        final = save(loop, progress, loop.train_cfg.keep_checkpoints)
+    plots = [plot_losses(read_metrics(metrics_path), out_dir / "loss.png")]
+    if progress.expert_load_LE is not None:
+        plots.append(plot_expert_load(progress.expert_load_LE, out_dir / "expert_load.png"))
+    return PretrainResult(
+        out_dir=out_dir,
+        checkpoint=final,
+        metrics_path=metrics_path,
+        plot_paths=plots,
+        tokenizer_path=Path(prepared.tokenizer_path),
+        steps=progress.step,
+        tokens_seen=progress.tokens_seen,
+        final_train_loss=progress.last.get("loss"),
+        final_heldout_loss=progress.last.get("heldout_loss"),
+        first_heldout_loss=progress.last.get("first_heldout_loss"),
+    )

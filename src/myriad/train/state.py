@@ -1,0 +1,105 @@
+"""What an exact resume needs besides the weights: optimizer, schedule, RNGs, data position.
+
+Everything here is saved with ``torch.save`` and loaded with ``weights_only=True``, so it holds only
+tensors and plain Python values (the NumPy RNG state is converted to a tensor for that reason).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Progress:
+    """Counters that survive a resume; ``expert_load_LE`` sums routed tokens over the whole run."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    elapsed: float = 0.0  # seconds of training (not counting time between a stop and a resume)
+    expert_load_LE: torch.Tensor | None = None
+    last: dict[str, Any] = field(default_factory=dict)  # last train/heldout losses, for humans
+
+
+def capture_rng() -> dict[str, Any]:
+    """Torch (CPU and every CUDA device), Python and NumPy generator states."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(np.asarray(keys).copy()), pos, has_gauss, cached],
+    }
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed for every generator the run may touch, so a run is reproducible from its config."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def trainer_state(
+    progress: Progress,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    stream_state: dict[str, Any],
+) -> dict[str, Any]:
+    """The ``trainer_state.pt`` payload at the end of step ``progress.step``."""
+    return {
+        "step": progress.step,
+        "tokens_seen": progress.tokens_seen,
+        "elapsed": progress.elapsed,
+        "expert_load_LE": progress.expert_load_LE,
+        "last": progress.last,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": capture_rng(),
+        "data_stream": stream_state,
+    }
+
+
+def restore_trainer_state(
+    state: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> Progress:
+    """Load optimizer and schedule; return the counters. RNGs are restored by the caller last."""
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return Progress(
+        step=int(state["step"]),
+        tokens_seen=int(state["tokens_seen"]),
+        elapsed=float(state["elapsed"]),
+        expert_load_LE=state["expert_load_LE"],
+        last=dict(state["last"]),
+    )
+
+
+def summary(progress: Progress, lr: float) -> dict[str, Any]:
+    """The human-readable ``trainer_state.json``."""
+    import datetime
+
+    return {
+        "step": progress.step,
+        "tokens_seen": progress.tokens_seen,
+        "elapsed_s": round(progress.elapsed, 3),
+        "lr": lr,
+        **progress.last,
+        "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch_version": torch.__version__,
+    }

@@ -45,6 +45,7 @@ SHAPES = {  # (T, D, F, E, K)
     ],
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+Step = Callable[[], object]
 HF_EAGER_MAX_EXPERTS_CUDA = 256  # beyond this, HF's eager loop is skipped on GPU (see row note)
 
 
@@ -60,7 +61,7 @@ class Timer:
         self.device, self.repeats, self.warmup, self.slow_s = device, repeats, warmup, slow_s
         self.slow_repeats = 2
 
-    def once(self, step: Callable[[], None], reset: Callable[[], None] | None = None) -> float:
+    def once(self, step: Step, reset: Step | None = None) -> float:
         if reset is not None:
             reset()
         if self.device.type != "cuda":
@@ -75,14 +76,15 @@ class Timer:
         torch.cuda.synchronize()
         return start.elapsed_time(end) / 1e3
 
-    def __call__(self, step: Callable[[], None], reset: Callable[[], None] | None = None) -> float:
+    def __call__(self, step: Step, reset: Step | None = None) -> float:
         for _ in range(self.warmup):
             self.once(step, reset)
         return statistics.median(self.once(step, reset) for _ in range(self.repeats))
 
     def interleaved(self, steps: dict[str, tuple]) -> dict[str, tuple[float, str]]:
         """``{name: (step, reset)}`` -> ``{name: (median seconds, note)}``."""
-        slow, fast = {}, {}
+        slow: dict[str, tuple] = {}
+        fast: dict[str, tuple] = {}
         for name, (step, reset) in steps.items():
             first = self.once(step, reset)
             (slow if first > self.slow_s else fast)[name] = (step, reset)
@@ -151,7 +153,7 @@ def build_hf(layer: MoEFeedForward, shape, dtype, implementation: str) -> torch.
     return block
 
 
-def bench_shape(shape, timer: Timer, bandwidth: float, device, dtype) -> list[dict]:
+def bench_shape(shape, timer: Timer, device, dtype) -> list[dict]:
     """Every implementation at one shape, timed interleaved; rows in a fixed order."""
     T, D, F, E, K = shape
     name = f"{T},{D},{F},{E},{K}"
@@ -162,12 +164,16 @@ def bench_shape(shape, timer: Timer, bandwidth: float, device, dtype) -> list[di
         return t.requires_grad_(grad)
 
     x, dy = randn(T, D, grad=True), randn(T, D)
+    copy_bytes = (2 << 30) if device.type == "cuda" else (256 << 20)
+    src = torch.ones(copy_bytes // 4, device=device)
+    dst = torch.zeros_like(src)
     dense = SwiGLU(D, F).to(device=device, dtype=dtype)
     steps = {
         "dense-ffn (equal FLOPs)": fwd_bwd(
             dense, dense, randn(T * K, D, grad=True), randn(T * K, D)
         )
     }
+    steps["copy"] = (partial(dst.copy_, src), None)  # bandwidth, under the same load
     notes: dict[str, str] = {}
     failed: dict[str, str] = {}
 
@@ -193,6 +199,7 @@ def bench_shape(shape, timer: Timer, bandwidth: float, device, dtype) -> list[di
             _free(device)
     results = timer.interleaved(steps)
 
+    bandwidth = 2 * copy_bytes / results["copy"][0]
     dense_s = results["dense-ffn (equal FLOPs)"][0]
     weight_bytes = 3 * E * D * F * torch.finfo(dtype).bits // 8
     traffic_s = 3 * weight_bytes / bandwidth
@@ -209,7 +216,7 @@ def bench_shape(shape, timer: Timer, bandwidth: float, device, dtype) -> list[di
             rows.append(_row(impl, name, seconds, flops, floor, note))
         elif impl in failed:
             rows.append(_row(impl, name, None, flops, floor, failed[impl]))
-    del steps, layer
+    del steps, layer, src, dst
     _free(device)
     return rows
 
@@ -278,12 +285,12 @@ def main(argv: list[str] | None = None) -> None:
     machine = torch.cuda.get_device_name() if device.type == "cuda" else _cpu_name()
     header = (
         f"{machine}, {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; median of {args.repeats}"
+        f"copy bandwidth at start {bandwidth / 1e9:.1f} GB/s; median of {args.repeats}"
     )
     print(header, file=sys.stderr)
     rows = []
     for shape in SHAPES[args.shapes]:
-        shape_rows = bench_shape(shape, timer, bandwidth, device, dtype)
+        shape_rows = bench_shape(shape, timer, device, dtype)
         rows += shape_rows
         if not args.json:
             print(markdown(shape_rows, f"shape {shape}"), file=sys.stderr)

@@ -26,10 +26,13 @@ from myriad.model.moe_dispatch import (
 )
 from myriad.model.router import TopKRouter
 
-# Mean assignments per expert from which grouped_mm beats the padded bmm (measured: see
-# docs/moe.md). Below it, experts are small and the weights' memory traffic dominates, which one
-# padded bmm streams best; the padding costs compute that would otherwise sit idle.
-GROUPED_MIN_ROWS_PER_EXPERT = {"cpu": 128, "cuda": 256}
+# Mean assignments per expert from which grouped_mm is preferred to the padded bmm. On the CPU
+# (docs/moe.md) the padded bmm was 6-12 % behind grouped_mm at 64-512 rows per expert on an idle
+# machine, 12 % ahead at 8 rows, and 1.7-13x ahead when other processes loaded the cores
+# (grouped_mm runs one small parallel mm per expert): padded is the robust CPU default.
+# On CUDA grouped_mm has no host sync and no padding, so it is
+# kept for busy experts; below 256 rows its 128-row tiles are mostly padding anyway.
+GROUPED_MIN_ROWS_PER_EXPERT = {"cpu": 4096, "cuda": 256}
 # CUDA's grouped matmul takes at most this many groups per call.
 MAX_GROUPS = 1024
 
@@ -50,13 +53,13 @@ def choose_strategy(
 ) -> str:
     """Pick the dispatch strategy for a shape: grouped when experts are busy, else padded.
 
-    grouped_mm on CUDA wants 16-bit inputs and at most ``MAX_GROUPS`` experts; builds without a
-    grouped matmul use the padded bmm (exact, and fast at every size we measured).
+    grouped_mm on CUDA takes only bf16 and at most ``MAX_GROUPS`` experts per call; builds
+    without a grouped matmul use the padded bmm (exact, and fast at every size we measured).
     """
     if grouped_mm_fn() is None:
         return "padded"
     on_cuda = device.type == "cuda"
-    if on_cuda and dtype not in (torch.bfloat16, torch.float16):
+    if on_cuda and dtype != torch.bfloat16:
         return "padded"
     threshold = GROUPED_MIN_ROWS_PER_EXPERT["cuda" if on_cuda else "cpu"]
     if num_assignments < threshold * num_experts:
@@ -103,19 +106,27 @@ class MoEFeedForward(nn.Module):
         return choose_strategy(num_assignments, self.cfg.num_experts, x_TD.device, x_TD.dtype)
 
     def forward(self, x_TD: torch.Tensor) -> MoEOutput:
-        routing = self.router(x_TD)
-        T, K = x_TD.shape[0], self.cfg.top_k
-        capacity = self.capacity(T)
-        plan = plan_dispatch(
-            routing.expert_ids_TK,
-            routing.counts_E,
-            self.strategy_for(x_TD),
-            capacity,
-            self.max_groups,
-        )
-        x_rows = dispatch(x_TD, plan)
-        y_rows = swiglu_experts(x_rows, self.w_in_EDF2, self.w_out_EFD, plan.mm)
-        y_TD = combine(y_rows, routing.weights_TK, plan)
+        # The hand-written autograd below runs outside autocast, on one explicit compute dtype:
+        # autocast would leave out= matmuls in fp32 and hand backward mixed dtypes. The router
+        # stays in fp32 either way.
+        compute_dtype = _autocast_dtype(x_TD)
+        with torch.autocast(x_TD.device.type, enabled=False):
+            routing = self.router(x_TD)
+            x_TD_c = x_TD.to(compute_dtype)
+            T, K = x_TD.shape[0], self.cfg.top_k
+            capacity = self.capacity(T)
+            plan = plan_dispatch(
+                routing.expert_ids_TK,
+                routing.counts_E,
+                self.strategy_for(x_TD_c),
+                capacity,
+                self.max_groups,
+            )
+            x_rows = dispatch(x_TD_c, plan)
+            w_in = self.w_in_EDF2.to(compute_dtype)
+            w_out = self.w_out_EFD.to(compute_dtype)
+            y_rows = swiglu_experts(x_rows, w_in, w_out, plan.mm)
+            y_TD = combine(y_rows, routing.weights_TK, plan)
         dropped = x_TD.new_zeros((), dtype=torch.float32)
         if capacity > 0:
             kept = routing.counts_E.clamp(max=capacity).sum().float()
@@ -123,3 +134,11 @@ class MoEFeedForward(nn.Module):
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
         return MoEOutput(y_TD, routing.load_balance_loss, routing.z_loss, routing.counts_E, dropped)
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would compute matmuls in here, or the input's own dtype."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype

@@ -18,6 +18,7 @@ from myriad.model.config import MoEConfig
 from myriad.model.layers import SwiGLU
 from myriad.model.moe_dispatch import (
     STRATEGIES,
+    GradBuffers,
     combine,
     dispatch,
     grouped_mm_fn,
@@ -30,11 +31,11 @@ from myriad.model.router import TopKRouter
 # (docs/moe.md) the padded bmm was 6-12 % behind grouped_mm at 64-512 rows per expert on an idle
 # machine, 12 % ahead at 8 rows, and 1.7-13x ahead when other processes loaded the cores
 # (grouped_mm runs one small parallel mm per expert): padded is the robust CPU default.
-# On CUDA grouped_mm has no host sync and no padding, so it is
-# kept for busy experts; below 256 rows its 128-row tiles are mostly padding anyway.
-GROUPED_MIN_ROWS_PER_EXPERT = {"cpu": 4096, "cuda": 256}
-# CUDA's grouped matmul takes at most this many groups per call.
-MAX_GROUPS = 1024
+# On CUDA grouped_mm has no host sync and no padding; on an H200 it beat the padded bmm at every
+# shape measured, 64 to 1,536 experts (docs/benchmarks.md), so CUDA always takes it.
+GROUPED_MIN_ROWS_PER_EXPERT = {"cpu": 4096, "cuda": 0}
+# CUDA's grouped matmul checks group_count < 1024, so at most 1,023 experts per call.
+MAX_GROUPS = 1023
 
 
 @dataclass
@@ -89,6 +90,10 @@ class MoEFeedForward(nn.Module):
         )
         self.dispatch_strategy = "auto"
         self.max_groups = MAX_GROUPS
+        # CPU only: reuse expert weight-gradient memory across steps (moe_dispatch.GradBuffers);
+        # saves the page faults of ~100 MB of fresh gradients per step at 256 experts.
+        self.reuse_cpu_grad_buffers = True
+        self._grad_bufs = GradBuffers()
 
     def capacity(self, num_tokens: int) -> int:
         """Most assignments one expert keeps (0: dropless)."""
@@ -125,7 +130,10 @@ class MoEFeedForward(nn.Module):
             x_rows = dispatch(x_TD_c, plan)
             w_in = self.w_in_EDF2.to(compute_dtype)
             w_out = self.w_out_EFD.to(compute_dtype)
-            y_rows = swiglu_experts(x_rows, w_in, w_out, plan.mm)
+            bufs = None
+            if self.reuse_cpu_grad_buffers and x_TD.device.type == "cpu":
+                bufs = self._grad_bufs
+            y_rows = swiglu_experts(x_rows, w_in, w_out, plan.mm, bufs)
             y_TD = combine(y_rows, routing.weights_TK, plan)
         dropped = x_TD.new_zeros((), dtype=torch.float32)
         if capacity > 0:

@@ -46,14 +46,68 @@ def grouped_mm_fn():
 class ExpertMatmul:
     """Per-expert matmuls over a row buffer: ``fwd`` x@w, ``dgrad`` dy@wᵀ, ``wgrad`` xᵀ@dy."""
 
+    wgrad_out = False  # whether ``wgrad`` can write into a caller's buffer
+
     def fwd(self, x: torch.Tensor, w_EKN: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def dgrad(self, dy: torch.Tensor, w_EKN: torch.Tensor) -> torch.Tensor:
         return self.fwd(dy, w_EKN.transpose(1, 2))
 
-    def wgrad(self, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    def wgrad(
+        self, x: torch.Tensor, dy: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """xᵀ@dy per expert, written into ``out`` (E, K, N) when given (it may hold garbage)."""
         raise NotImplementedError
+
+
+class GradBuffers:
+    """Weight-gradient memory reused across steps when no other tensor holds it (CPU only).
+
+    A fresh (E, D, 2F) weight gradient is page-faulted in on every step: glibc hands blocks above
+    32 MB straight back to the kernel, and first-touching 64 MB costs ~20 ms on the 2-core VM,
+    three times the matmul that writes it (docs/moe.md). Instead the layer keeps one buffer per
+    weight and the backward writes the gradient into it. Autograd then *steals* the returned
+    alias as ``param.grad`` (no copy), and once the trainer sets the gradients to None the
+    buffer is referenced only from here and is overwritten on the next backward.
+
+    Reuse is exact because it happens only when the buffer's storage has no other user: not
+    while ``param.grad`` (or any view, hook copy, or autograd buffer) still aliases it, e.g. when
+    gradients accumulate over micro-batches; then a fresh buffer is allocated and cached
+    instead. Cost: the layer keeps up to one gradient-sized buffer per expert weight alive.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, key: str, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor shaped like ``like`` that nothing else references."""
+        buf = self._bufs.get(key)
+        if (
+            buf is None
+            or buf.shape != like.shape
+            or buf.dtype != like.dtype
+            or buf.device != like.device
+            or not _sole_owner(buf)
+        ):
+            buf = torch.empty_like(like, memory_format=torch.contiguous_format)
+            self._bufs[key] = buf
+        return buf.detach()  # a new alias, so autograd can steal it as the parameter's .grad
+
+
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _sole_owner(t: torch.Tensor) -> bool:
+    """True when ``t`` is the only tensor on its storage (counting the probe's own reference)."""
+    if _storage_use_count is None:  # no way to tell: never reuse
+        return False
+    return _storage_use_count(t.untyped_storage()._cdata) <= _BASE_USE_COUNT
+
+
+_BASE_USE_COUNT = (
+    _storage_use_count(torch.empty(1).untyped_storage()._cdata) if _storage_use_count else 0
+)
 
 
 class PaddedMatmul(ExpertMatmul):
@@ -64,8 +118,13 @@ class PaddedMatmul(ExpertMatmul):
     of just their weights. With C1 = the largest load there is no tier 2 (plain padded bmm).
     """
 
+    wgrad_out = True
+
     def __init__(self, num_experts: int, c1: int, heavy_H: torch.Tensor, c2: int) -> None:
         self.num_experts, self.c1, self.heavy_H, self.c2 = num_experts, c1, heavy_H, c2
+        # CPU: the heavy experts' weights gathered by ``fwd``, reused (transposed) by ``dgrad``
+        # instead of gathering them again from a transposed, strided view.
+        self._heavy_w: dict[tuple, torch.Tensor] = {}
 
     def _tier1(self, rows: torch.Tensor) -> torch.Tensor:
         return rows[: self.num_experts * self.c1].view(self.num_experts, self.c1, -1)
@@ -78,15 +137,34 @@ class PaddedMatmul(ExpertMatmul):
         torch.bmm(self._tier1(x_RK), w_EKN, out=self._tier1(y_RN))
         if self.c2:
             w_HKN = w_EKN.index_select(0, self.heavy_H)
+            if w_EKN.device.type == "cpu":
+                self._heavy_w[_weight_key(w_EKN)] = w_HKN
             torch.bmm(self._tier2(x_RK), w_HKN, out=self._tier2(y_RN))
         return y_RN
 
-    def wgrad(self, x_RK, dy_RN):
-        dw_EKN = torch.bmm(self._tier1(x_RK).transpose(1, 2), self._tier1(dy_RN))
-        if self.c2:
+    def dgrad(self, dy_RN, w_EKN):
+        w_HKN = self._heavy_w.get(_weight_key(w_EKN)) if self.c2 else None
+        if w_HKN is None:
+            return self.fwd(dy_RN, w_EKN.transpose(1, 2))
+        dx_RK = dy_RN.new_empty(dy_RN.shape[0], w_EKN.shape[1])
+        torch.bmm(self._tier1(dy_RN), w_EKN.transpose(1, 2), out=self._tier1(dx_RK))
+        torch.bmm(self._tier2(dy_RN), w_HKN.transpose(1, 2), out=self._tier2(dx_RK))
+        return dx_RK
+
+    def wgrad(self, x_RK, dy_RN, out=None):
+        dw_EKN = torch.bmm(self._tier1(x_RK).transpose(1, 2), self._tier1(dy_RN), out=out)
+        if self.c2 and out is not None:  # CPU: add in place, no fresh (H, K, N) to fault in
+            x_HCK, dy_HCN = self._tier2(x_RK), self._tier2(dy_RN)
+            for h, e in enumerate(self.heavy_H.tolist()):
+                dw_EKN[e].addmm_(x_HCK[h].t(), dy_HCN[h])
+        elif self.c2:
             dw_HKN = torch.bmm(self._tier2(x_RK).transpose(1, 2), self._tier2(dy_RN))
             dw_EKN.index_add_(0, self.heavy_H, dw_HKN)
         return dw_EKN
+
+
+def _weight_key(w: torch.Tensor) -> tuple:
+    return (w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype)
 
 
 # What tier 2 costs per heavy expert, in rows of compute: its weights are gathered forward and
@@ -122,12 +200,16 @@ class GroupedMatmul(ExpertMatmul):
     def fwd(self, x_RK, w_EKN):
         return self.fn(x_RK, w_EKN, offs=self.offs_E)
 
-    def wgrad(self, x_RK, dy_RN):
+    def wgrad(self, x_RK, dy_RN, out=None):
+        if out is not None:  # grouped_mm has no out=; a copy would cost more than it saves
+            raise ValueError("GroupedMatmul.wgrad takes no out buffer")
         return self.fn(x_RK.t(), dy_RN, offs=self.offs_E)
 
 
 class LoopMatmul(ExpertMatmul):
     """One ``mm`` per expert (exact reference and fallback); reads the offsets once."""
+
+    wgrad_out = True
 
     def __init__(self, offs_E: torch.Tensor) -> None:
         ends = offs_E.tolist()
@@ -137,8 +219,9 @@ class LoopMatmul(ExpertMatmul):
         outs = [x_RK[s:e] @ w_EKN[i] for i, (s, e) in enumerate(self.bounds)]
         return torch.cat(outs) if outs else x_RK.new_zeros(0, w_EKN.shape[-1])
 
-    def wgrad(self, x_RK, dy_RN):
-        return torch.stack([x_RK[s:e].t() @ dy_RN[s:e] for s, e in self.bounds])
+    def wgrad(self, x_RK, dy_RN, out=None):
+        dws = [x_RK[s:e].t() @ dy_RN[s:e] for s, e in self.bounds]
+        return torch.stack(dws, out=out) if out is not None else torch.stack(dws)
 
 
 class ChunkedMatmul(ExpertMatmul):
@@ -157,7 +240,9 @@ class ChunkedMatmul(ExpertMatmul):
     def fwd(self, x_RK, w_EKN):
         return torch.cat([mm.fwd(x_RK[rows], w_EKN[exp]) for exp, rows, mm in self.chunks])
 
-    def wgrad(self, x_RK, dy_RN):
+    def wgrad(self, x_RK, dy_RN, out=None):
+        if out is not None:
+            raise ValueError("ChunkedMatmul.wgrad takes no out buffer")
         return torch.cat([mm.wgrad(x_RK[rows], dy_RN[rows]) for _, rows, mm in self.chunks])
 
 
@@ -170,34 +255,53 @@ class _SwiGLUExperts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w_in_EDF2, w_out_EFD, mm: ExpertMatmul):
+    def forward(ctx, x, w_in_EDF2, w_out_EFD, mm: ExpertMatmul, bufs: GradBuffers | None):
         h_RF2 = mm.fwd(x, w_in_EDF2)
         gate, up = h_RF2.chunk(2, dim=-1)
-        y = mm.fwd(F.silu(gate).mul_(up), w_out_EFD)
-        ctx.save_for_backward(x, h_RF2, w_in_EDF2, w_out_EFD)
-        ctx.mm = mm
+        silu_gate = F.silu(gate)
+        if x.device.type == "cpu":  # keep silu(gate) and the product: two fewer passes later
+            act = silu_gate * up
+            y = mm.fwd(act, w_out_EFD)
+            ctx.save_for_backward(x, h_RF2, w_in_EDF2, w_out_EFD, silu_gate, act)
+        else:
+            y = mm.fwd(silu_gate.mul_(up), w_out_EFD)
+            ctx.save_for_backward(x, h_RF2, w_in_EDF2, w_out_EFD, None, None)
+        ctx.mm, ctx.bufs = mm, (bufs if mm.wgrad_out else None)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, h_RF2, w_in_EDF2, w_out_EFD = ctx.saved_tensors
+        x, h_RF2, w_in_EDF2, w_out_EFD, silu_gate, act = ctx.saved_tensors
         mm: ExpertMatmul = ctx.mm
+        bufs: GradBuffers | None = ctx.bufs
         gate, up = h_RF2.chunk(2, dim=-1)
-        silu_gate = F.silu(gate)
-        dw_out = mm.wgrad(silu_gate * up, dy)
+        if silu_gate is None:
+            silu_gate = F.silu(gate)
+        dw_out = dw_in = None
+        if ctx.needs_input_grad[2]:
+            out = bufs.get("w_out", w_out_EFD) if bufs is not None else None
+            dw_out = mm.wgrad(silu_gate * up if act is None else act, dy, out=out)
         dact = mm.dgrad(dy, w_out_EFD)
         dh_RF2 = torch.empty_like(h_RF2)
         dgate, dup = dh_RF2.chunk(2, dim=-1)
         torch.mul(dact, silu_gate, out=dup)
         torch.ops.aten.silu_backward.grad_input(dact.mul_(up), gate, grad_input=dgate)
-        dw_in = mm.wgrad(x, dh_RF2)
+        if ctx.needs_input_grad[1]:
+            out = bufs.get("w_in", w_in_EDF2) if bufs is not None else None
+            dw_in = mm.wgrad(x, dh_RF2, out=out)
         dx = mm.dgrad(dh_RF2, w_in_EDF2) if ctx.needs_input_grad[0] else None
-        return dx, dw_in, dw_out, None
+        return dx, dw_in, dw_out, None, None
 
 
-def swiglu_experts(x, w_in_EDF2, w_out_EFD, mm: ExpertMatmul) -> torch.Tensor:
-    """Every expert's SwiGLU on its rows of ``x`` (a row buffer in ``mm``'s layout)."""
-    return _SwiGLUExperts.apply(x, w_in_EDF2, w_out_EFD, mm)
+def swiglu_experts(
+    x, w_in_EDF2, w_out_EFD, mm: ExpertMatmul, grad_bufs: GradBuffers | None = None
+) -> torch.Tensor:
+    """Every expert's SwiGLU on its rows of ``x`` (a row buffer in ``mm``'s layout).
+
+    With ``grad_bufs`` (CPU), layouts that support it write the weight gradients into reused
+    buffers instead of fresh tensors (see :class:`GradBuffers`).
+    """
+    return _SwiGLUExperts.apply(x, w_in_EDF2, w_out_EFD, mm, grad_bufs)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 from pathlib import Path
@@ -39,6 +40,18 @@ def read_metrics(path: Path) -> tuple[dict[int, float], float]:
     return heldout, statistics.median(step_times)
 
 
+def machine_name() -> str:
+    """CPU model and core count, or the GPU's name when training ran there."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    return platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -59,7 +72,7 @@ def main() -> None:
             counts = count_parameters(cfg.model)
             print(f"{name} seed {seed}: total {counts.total:,} active {counts.active:,}")
 
-    print(f"\nmachine: {platform.processor() or platform.machine()}, seeds {args.seeds}\n")
+    print(f"\nmachine: {machine_name()}; seeds {args.seeds}\n")
     steps = sorted(results["dense"][0][0])
     print("| step | " + " | ".join(f"{n} held-out loss" for n in VARIANTS) + " |")
     print("|---|" + "---|" * len(VARIANTS))

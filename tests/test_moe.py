@@ -215,3 +215,69 @@ def test_padded_second_tier_matches_reference(mode, monkeypatch):
     c1, heavy, c2 = padded_tiers(layer.router(x).counts_E, 0)
     assert heavy.numel() > 0 and c2 > 0  # the test really exercises tier 2
     check_against_reference(layer, x, "padded")
+
+
+def _train_step(layer: MoEFeedForward, x: torch.Tensor, g: torch.Tensor) -> None:
+    out = layer(x)
+    ((out.y * g).sum() + 0.3 * out.load_balance_loss + 0.2 * out.z_loss).backward()
+
+
+def _reference_grads(layer: MoEFeedForward, x: torch.Tensor, g: torch.Tensor) -> dict:
+    y, lb, z, _, _, params = reference(layer, x)
+    ((y * g.double()).sum() + 0.3 * lb + 0.2 * z).backward()
+    return {name: p.grad.float() for name, p in params.items()}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_reused_grad_buffers_stay_exact(strategy, monkeypatch):
+    """CPU weight-gradient buffers are reused across steps only while nothing else holds them."""
+    monkeypatch.setitem(moe_dispatch.HEAVY_EXPERT_COST_ROWS, "cpu", 0)  # padded: tier 2 too
+    layer = make_layer()
+    layer.dispatch_strategy = strategy
+    names = ("w_in_EDF2", "w_out_EFD")
+    x1, x2, x3 = torch.randn(40, D), torch.randn(40, D), torch.randn(40, D)
+    g1, g2, g3 = torch.randn(40, D), torch.randn(40, D), torch.randn(40, D)
+    ref1, ref2, ref3 = (_reference_grads(layer, x, g) for x, g in ((x1, g1), (x2, g2), (x3, g3)))
+
+    _train_step(layer, x1, g1)
+    for name, p in layer.named_parameters():
+        torch.testing.assert_close(p.grad, ref1[name], **TOL, msg=name)
+    ptrs = {n: getattr(layer, n).grad.data_ptr() for n in names}
+    layer.zero_grad(set_to_none=True)
+
+    _train_step(layer, x2, g2)  # gradients were set to None: the buffers are reused
+    for name, p in layer.named_parameters():
+        torch.testing.assert_close(p.grad, ref2[name], **TOL, msg=name)
+    if strategy in ("padded", "loop"):  # layouts whose wgrad takes out=: same memory again
+        assert all(getattr(layer, n).grad.data_ptr() == ptrs[n] for n in names)
+    else:
+        assert not {"w_in", "w_out"} & set(layer._grad_bufs._bufs)
+
+    held = {n: getattr(layer, n).grad for n in names}  # e.g. a hook or a logger keeps them
+    _train_step(layer, x3, g3)  # no reset: accumulates into the held buffers, never over them
+    for name, p in layer.named_parameters():
+        torch.testing.assert_close(p.grad, ref2[name] + ref3[name], **TOL, msg=name)
+    layer.zero_grad(set_to_none=True)
+    _train_step(layer, x1, g1)  # the old grads are still referenced: fresh memory, old intact
+    for n in names:
+        torch.testing.assert_close(held[n], ref2[n] + ref3[n], **TOL, msg=n)
+        torch.testing.assert_close(getattr(layer, n).grad, ref1[n], **TOL, msg=n)
+
+
+def test_grad_buffers_can_be_turned_off():
+    layer = make_layer()
+    layer.reuse_cpu_grad_buffers = False
+    layer.dispatch_strategy = "padded"
+    x, g = torch.randn(40, D), torch.randn(40, D)
+    ref = _reference_grads(layer, x, g)
+    _train_step(layer, x, g)
+    for name, p in layer.named_parameters():
+        torch.testing.assert_close(p.grad, ref[name], **TOL, msg=name)
+    assert not layer._grad_bufs._bufs  # the layer holds no memory of its own
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_recomputing_activations_matches_reference(strategy, monkeypatch):
+    """The backward that recomputes silu(gate) (the CUDA path) is exact on the CPU too."""
+    monkeypatch.setattr(moe_dispatch, "SAVE_ACTIVATIONS_ON_CPU", False)
+    check_against_reference(make_layer(), torch.randn(40, D), strategy)

@@ -1,3 +1,3 @@
-"""Myriad: pre-train, evaluate, compress and serve Mixture-of-Experts language models on a budget."""
+"""Myriad: pre-train, evaluate, compress and serve Mixture-of-Experts LMs on a budget."""
 
 __version__ = "0.1.0"

@@ -58,7 +58,9 @@ def recipe_path(name_or_path: str) -> Path:
     )
 
 
-def load_recipe(name_or_path: str = DEFAULT_RECIPE, overrides: list[str] | None = None) -> RunConfig:
+def load_recipe(
+    name_or_path: str = DEFAULT_RECIPE, overrides: list[str] | None = None
+) -> RunConfig:
     """Load a recipe, apply ``section.key=value`` overrides and validate the result."""
     path = recipe_path(name_or_path)
     try:
@@ -70,7 +72,7 @@ def load_recipe(name_or_path: str = DEFAULT_RECIPE, overrides: list[str] | None 
 
 
 def build_config(raw: dict[str, Any], overrides: list[str], where: str) -> RunConfig:
-    """A validated ``RunConfig`` from a plain dict (a recipe, a run's config.json) plus overrides."""
+    """A validated ``RunConfig`` from a plain dict (recipe or a run's config.json) + overrides."""
     given: dict[str, Any] = {}
     for item in overrides:
         _apply_override(given, item)

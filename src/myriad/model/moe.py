@@ -28,9 +28,10 @@ from myriad.model.moe_dispatch import (
 from myriad.model.router import TopKRouter
 
 # Mean assignments per expert from which grouped_mm is preferred to the padded bmm. On the CPU
-# (docs/moe.md) the padded bmm was 6-12 % behind grouped_mm at 64-512 rows per expert on an idle
-# machine, 12 % ahead at 8 rows, and 1.7-13x ahead when other processes loaded the cores
-# (grouped_mm runs one small parallel mm per expert): padded is the robust CPU default.
+# (docs/moe.md, with the CPU gradient-buffer reuse) the padded bmm was 0-5 % behind grouped_mm at
+# 512 rows per expert on an idle machine, 8 % ahead at 64 rows, 50 % ahead at 8, and 1.7-13x ahead
+# when other processes loaded the cores (grouped_mm runs one small parallel mm per expert):
+# padded is the robust CPU default.
 # On CUDA grouped_mm has no host sync and no padding; on an H200 it beat the padded bmm at every
 # shape measured, 64 to 1,536 experts (docs/benchmarks.md), so CUDA always takes it.
 GROUPED_MIN_ROWS_PER_EXPERT = {"cpu": 4096, "cuda": 0}

@@ -13,7 +13,7 @@ Only the row layout and the batched matmul differ between strategies (a :class:`
 * ``padded``: an (E, C1, D) buffer, one ``bmm`` over all experts, plus a small second tier
   (H, C2, D) for the few experts loaded beyond C1 (:func:`padded_tiers` picks C1). Best when
   experts get few tokens each: on the CPU one ``bmm`` over many small experts beats
-  ``grouped_mm``'s one-parallel-``mm``-per-expert (1.1x on a quiet machine at 256 experts, 2-10x
+  ``grouped_mm``'s one-parallel-``mm``-per-expert (1.5x on a quiet machine at 256 experts, 2-10x
   when other processes load the cores); the zero rows cost compute, not weight traffic.
 * ``chunked``: ``grouped`` over chunks of at most ``max_groups`` experts (CUDA's grouped matmul
   takes at most 1,024 groups); one host sync reads the chunks' row boundaries.
@@ -36,6 +36,10 @@ import torch
 import torch.nn.functional as F
 
 STRATEGIES = ("grouped", "padded", "chunked", "loop")
+# CPU: the expert SwiGLU keeps silu(gate) and silu(gate)*up for the backward instead of
+# recomputing them (two fewer elementwise passes, 2-4 % at 8 experts; costs 2 x (R, F) more
+# saved memory). On CUDA it recomputes them, as before.
+SAVE_ACTIVATIONS_ON_CPU = True
 
 
 def grouped_mm_fn():
@@ -72,8 +76,8 @@ class GradBuffers:
     buffer is referenced only from here and is overwritten on the next backward.
 
     Reuse is exact because it happens only when the buffer's storage has no other user: not
-    while ``param.grad`` (or any view, hook copy, or autograd buffer) still aliases it, e.g. when
-    gradients accumulate over micro-batches; then a fresh buffer is allocated and cached
+    while ``param.grad`` (or a view, a reference a hook kept, an autograd buffer) aliases it, e.g.
+    when gradients accumulate over micro-batches; then a fresh buffer is allocated and cached
     instead. Cost: the layer keeps up to one gradient-sized buffer per expert weight alive.
     """
 
@@ -94,6 +98,25 @@ class GradBuffers:
             self._bufs[key] = buf
         return buf.detach()  # a new alias, so autograd can steal it as the parameter's .grad
 
+    def scratch(self, key: str, like: torch.Tensor) -> torch.Tensor:
+        """Uninitialised working memory shaped like ``like``; grows, never shrinks, when reused.
+
+        For tensors that die inside the backward (row counts vary per step, hence the growth
+        headroom): a fresh 17 MB ``dh`` costs ~4 ms of page faults at 8 experts.
+        """
+        buf = self._bufs.get(key)
+        n = like.numel()
+        if (
+            buf is None
+            or buf.numel() < n
+            or buf.dtype != like.dtype
+            or buf.device != like.device
+            or not _sole_owner(buf)
+        ):
+            buf = like.new_empty(n + n // 4)
+            self._bufs[key] = buf
+        return buf[:n].view(like.shape)
+
 
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
@@ -105,9 +128,15 @@ def _sole_owner(t: torch.Tensor) -> bool:
     return _storage_use_count(t.untyped_storage()._cdata) <= _BASE_USE_COUNT
 
 
-_BASE_USE_COUNT = (
-    _storage_use_count(torch.empty(1).untyped_storage()._cdata) if _storage_use_count else 0
-)
+def _base_use_count() -> int:
+    """What ``_storage_use_count`` reads for a tensor nothing else shares (the probe counts)."""
+    if _storage_use_count is None:
+        return 0
+    probe = torch.empty(1)  # kept alive while its storage is read
+    return _storage_use_count(probe.untyped_storage()._cdata)
+
+
+_BASE_USE_COUNT = _base_use_count()
 
 
 class PaddedMatmul(ExpertMatmul):
@@ -259,14 +288,14 @@ class _SwiGLUExperts(torch.autograd.Function):
         h_RF2 = mm.fwd(x, w_in_EDF2)
         gate, up = h_RF2.chunk(2, dim=-1)
         silu_gate = F.silu(gate)
-        if x.device.type == "cpu":  # keep silu(gate) and the product: two fewer passes later
+        if x.device.type == "cpu" and SAVE_ACTIVATIONS_ON_CPU:
             act = silu_gate * up
             y = mm.fwd(act, w_out_EFD)
             ctx.save_for_backward(x, h_RF2, w_in_EDF2, w_out_EFD, silu_gate, act)
         else:
             y = mm.fwd(silu_gate.mul_(up), w_out_EFD)
             ctx.save_for_backward(x, h_RF2, w_in_EDF2, w_out_EFD, None, None)
-        ctx.mm, ctx.bufs = mm, (bufs if mm.wgrad_out else None)
+        ctx.mm, ctx.bufs = mm, bufs
         return y
 
     @staticmethod
@@ -279,15 +308,15 @@ class _SwiGLUExperts(torch.autograd.Function):
             silu_gate = F.silu(gate)
         dw_out = dw_in = None
         if ctx.needs_input_grad[2]:
-            out = bufs.get("w_out", w_out_EFD) if bufs is not None else None
+            out = bufs.get("w_out", w_out_EFD) if bufs is not None and mm.wgrad_out else None
             dw_out = mm.wgrad(silu_gate * up if act is None else act, dy, out=out)
         dact = mm.dgrad(dy, w_out_EFD)
-        dh_RF2 = torch.empty_like(h_RF2)
+        dh_RF2 = bufs.scratch("dh", h_RF2) if bufs is not None else torch.empty_like(h_RF2)
         dgate, dup = dh_RF2.chunk(2, dim=-1)
         torch.mul(dact, silu_gate, out=dup)
         torch.ops.aten.silu_backward.grad_input(dact.mul_(up), gate, grad_input=dgate)
         if ctx.needs_input_grad[1]:
-            out = bufs.get("w_in", w_in_EDF2) if bufs is not None else None
+            out = bufs.get("w_in", w_in_EDF2) if bufs is not None and mm.wgrad_out else None
             dw_in = mm.wgrad(x, dh_RF2, out=out)
         dx = mm.dgrad(dh_RF2, w_in_EDF2) if ctx.needs_input_grad[0] else None
         return dx, dw_in, dw_out, None, None

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import statistics
+import time
 from pathlib import Path
 
 from myriad.config import load_recipe
@@ -67,10 +68,15 @@ def main() -> None:
                 sets.append(f"train.steps={args.steps}")
             cfg = load_recipe("tiny-zh", sets)
             out = Path(args.out) / f"{name}-seed{seed}"
+            start = time.perf_counter()
             result = run_pretrain(cfg, out, resume=False, log=lambda *_: None)
+            wall = time.perf_counter() - start
             results.setdefault(name, []).append(read_metrics(result.metrics_path))
             counts = count_parameters(cfg.model)
-            print(f"{name} seed {seed}: total {counts.total:,} active {counts.active:,}")
+            print(
+                f"{name} seed {seed}: total {counts.total:,} active {counts.active:,}; "
+                f"wall {wall:.0f} s with data preparation"
+            )
 
     print(f"\nmachine: {machine_name()}; seeds {args.seeds}\n")
     steps = sorted(results["dense"][0][0])

@@ -156,8 +156,8 @@ def test_auto_strategy_by_shape():
     assert choose_strategy(8 * 8192, 8, cpu, torch.float32) == "grouped"
     assert choose_strategy(2048, 256, cpu, torch.float32) == "padded"
     assert choose_strategy(16384 * 6, 64, cuda, torch.bfloat16) == "grouped"
-    assert choose_strategy(65536, 1536, cuda, torch.bfloat16) == "chunked"
-    assert choose_strategy(65536 * 256, 1536, cuda, torch.bfloat16) == "chunked"
+    assert choose_strategy(65536, 1536, cuda, torch.bfloat16) == "padded"
+    assert choose_strategy(65536 * 256, 1536, cuda, torch.bfloat16) == "padded"
     assert choose_strategy(16384 * 6, 64, cuda, torch.float32) == "padded"
 
 

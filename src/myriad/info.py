@@ -25,6 +25,10 @@ def _config_lines(raw: dict[str, Any], prefix: str = "") -> list[str]:
     return lines
 
 
+def _short(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
 def describe(info: dict[str, Any]) -> str:
     """Config, parameter counts and, when present, the training state of a checkpoint."""
     cfg: RunConfig = from_dict(RunConfig, info["config"], where="config")
@@ -46,6 +50,7 @@ def describe(info: dict[str, Any]) -> str:
     ]
     state = info.get("state")
     if state:
+        width = max(len(key) for key in state)
         lines += ["", "training state"]
-        lines += [f"  {key:<16} {value}" for key, value in state.items()]
+        lines += [f"  {key:<{width}}  {_short(value)}" for key, value in state.items()]
     return "\n".join(lines)

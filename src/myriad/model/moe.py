@@ -32,8 +32,9 @@ from myriad.model.router import TopKRouter
 # 512 rows per expert on an idle machine, 8 % ahead at 64 rows, 50 % ahead at 8, and 1.7-13x ahead
 # when other processes loaded the cores (grouped_mm runs one small parallel mm per expert):
 # padded is the robust CPU default.
-# On CUDA grouped_mm has no host sync and no padding; on an H200 it beat the padded bmm at every
-# shape measured, 64 to 1,536 experts (docs/benchmarks.md), so CUDA always takes it.
+# On CUDA grouped_mm has no host sync and no padding; on an H200 it beat the padded bmm by 16 % at
+# 64 experts and 44 % at 512 (tied at 8), so CUDA takes it whenever one call can hold all experts.
+# Above that, chunked grouped_mm was 10 % behind padded at 1,536 experts (docs/benchmarks.md).
 GROUPED_MIN_ROWS_PER_EXPERT = {"cpu": 4096, "cuda": 0}
 # CUDA's grouped matmul checks group_count < 1024, so at most 1,023 experts per call.
 MAX_GROUPS = 1023
@@ -66,7 +67,9 @@ def choose_strategy(
     threshold = GROUPED_MIN_ROWS_PER_EXPERT["cuda" if on_cuda else "cpu"]
     if num_assignments < threshold * num_experts:
         return "padded"
-    return "chunked" if on_cuda and num_experts > MAX_GROUPS else "grouped"
+    if num_experts > MAX_GROUPS:
+        return "padded" if on_cuda else "grouped"  # the CPU kernel has no group limit
+    return "grouped"
 
 
 class MoEFeedForward(nn.Module):

@@ -16,7 +16,7 @@ Only the row layout and the batched matmul differ between strategies (a :class:`
   ``grouped_mm``'s one-parallel-``mm``-per-expert (1.5x on a quiet machine at 256 experts, 2-10x
   when other processes load the cores); the zero rows cost compute, not weight traffic.
 * ``chunked``: ``grouped`` over chunks of at most ``max_groups`` experts (CUDA's grouped matmul
-  takes at most 1,024 groups); one host sync reads the chunks' row boundaries.
+  takes fewer than 1,024 groups); one host sync reads the chunks' row boundaries.
 * ``loop``: one ``mm`` per expert; the exact fallback where no grouped matmul exists.
 
 Dropped assignments (capacity limit) point at a trash row past the buffer's end; they reach no

@@ -10,7 +10,6 @@ wall time per step. Run:  python benchmarks/moe_vs_dense.py [--seeds 0 1] [--ste
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -19,25 +18,18 @@ from pathlib import Path
 
 from myriad.config import load_recipe
 from myriad.model import count_parameters
+from myriad.train.metrics import read_metrics
 from myriad.train.pretrain import run_pretrain
 
 VARIANTS = {"myriad-moe": [], "dense": ["model.moe.every=0"]}
 
 
-def read_metrics(path: Path) -> tuple[dict[int, float], float]:
+def heldout_and_step_time(path: Path) -> tuple[dict[int, float], float]:
     """Held-out loss by step, and the median seconds per training step."""
-    heldout, step_times = {}, []
-    previous = None
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        if "heldout_loss" in row:
-            heldout[row["step"]] = row["heldout_loss"]
-        elif "step_time" in row:
-            step_times.append(row["step_time"])
-        elif "elapsed" in row:
-            if previous is not None:
-                step_times.append(row["elapsed"] - previous)
-            previous = row["elapsed"]
+    rows = read_metrics(path)
+    heldout = {r["step"]: r["heldout_loss"] for r in rows if r["kind"] == "heldout"}
+    elapsed = [r["elapsed"] for r in rows if r["kind"] == "train"]
+    step_times = [b - a for a, b in zip(elapsed, elapsed[1:], strict=False)]
     return heldout, statistics.median(step_times)
 
 
@@ -71,7 +63,7 @@ def main() -> None:
             start = time.perf_counter()
             result = run_pretrain(cfg, out, resume=False, log=lambda *_: None)
             wall = time.perf_counter() - start
-            results.setdefault(name, []).append(read_metrics(result.metrics_path))
+            results.setdefault(name, []).append(heldout_and_step_time(result.metrics_path))
             counts = count_parameters(cfg.model)
             print(
                 f"{name} seed {seed}: total {counts.total:,} active {counts.active:,}; "

@@ -77,7 +77,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from myriad.config import load_recipe, recipe_path, to_dict
+    from myriad.config import load_recipe, to_dict
     from myriad.info import describe
 
     target = Path(args.target)
@@ -86,7 +86,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
         print(describe(read_checkpoint_info(target)))
         return 0
-    recipe_path(args.target)  # a clear error for a name that is neither recipe nor checkpoint
     cfg = load_recipe(args.target, args.overrides)
     print(describe({"config": to_dict(cfg)}))
     return 0

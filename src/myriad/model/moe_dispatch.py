@@ -276,11 +276,12 @@ class ChunkedMatmul(ExpertMatmul):
 
 
 class _SwiGLUExperts(torch.autograd.Function):
-    """y = (silu(x@W_gate) * (x@W_up)) @ W_out per expert, saving only x and the pre-activation.
+    """y = (silu(x@W_gate) * (x@W_up)) @ W_out per expert, with a fused elementwise backward.
 
-    Autograd on the plain expression would also keep silu(gate) and the product (two more
-    (R, F) tensors) and run four separate elementwise backward kernels; here the backward
-    recomputes them with one fused ``silu_backward`` and writes dgate/dup straight into dh.
+    On CUDA only x and the pre-activation are saved and the backward recomputes silu(gate) and
+    the product (two (R, F) tensors less memory); on the CPU they are kept
+    (``SAVE_ACTIVATIONS_ON_CPU``). Either way one ``silu_backward`` writes dgate and dup straight
+    into dh instead of autograd's four separate elementwise kernels.
     """
 
     @staticmethod

@@ -20,24 +20,6 @@ from tqdm.auto import tqdm
 
 from myriad.train.step import StepMetrics
 
-TRAIN_KEYS = (
-    "kind",
-    "step",
-    "loss",
-    "lm_loss",
-    "load_balance_loss",
-    "z_loss",
-    "lr",
-    "grad_norm",
-    "tokens",
-    "tokens_per_s",
-    "elapsed",
-    "expert_load_max_over_mean",
-    "expert_load_max_over_mean_per_layer",
-    "dropped_fraction",
-)
-HELDOUT_KEYS = ("kind", "step", "heldout_loss", "tokens", "elapsed")
-
 
 def load_imbalance(tokens_per_expert: list[torch.Tensor]) -> tuple[float | None, list[float]]:
     """Max over mean tokens per expert, per MoE layer, and the worst layer (1.0 is perfect)."""

@@ -6,7 +6,6 @@ A run directory holds ``config.json`` (the resolved config), ``tokenizer.json`` 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -224,7 +223,6 @@ def run_pretrain(
     out_dir: Path,
     *,
     resume: bool = False,
-    data_path: str | None = None,
     log: Callable[[str], Any] = print,
 ) -> PretrainResult:
     """Pre-train ``cfg`` into ``out_dir``; with ``resume`` continue from its latest checkpoint.
@@ -236,8 +234,6 @@ def run_pretrain(
             checkpoint, or with a config that changes a trained-on key; bad data or config.
     """
     out_dir = Path(out_dir)
-    if data_path:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, corpus=data_path))
     _validate(cfg)
     resume_from = _check_out_dir(out_dir, resume)
     if resume_from is not None:

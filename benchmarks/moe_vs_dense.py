@@ -10,11 +10,11 @@ wall time per step. Run:  python benchmarks/moe_vs_dense.py [--seeds 0 1] [--ste
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
+
+from machine import machine_name
 
 from myriad.config import load_recipe
 from myriad.model import count_parameters
@@ -31,18 +31,6 @@ def heldout_and_step_time(path: Path) -> tuple[dict[int, float], float]:
     elapsed = [r["elapsed"] for r in rows if r["kind"] == "train"]
     step_times = [b - a for a, b in zip(elapsed, elapsed[1:], strict=False)]
     return heldout, statistics.median(step_times)
-
-
-def machine_name() -> str:
-    """CPU model and core count, or the GPU's name when training ran there."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    return platform.machine()
 
 
 def main() -> None:

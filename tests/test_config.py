@@ -7,11 +7,12 @@ from myriad.errors import UserError
 from myriad.model import count_parameters
 
 
-def test_shipped_recipes_are_the_documented_three():
-    assert shipped_recipes() == ["base", "hunyuan-1t", "tiny-zh"]
+def test_shipped_recipes_include_the_documented_ones():
+    documented = {"base", "hunyuan-1t", "tiny-zh", "tiny-zh-attnreuse", "tiny-zh-wordroute"}
+    assert documented <= set(shipped_recipes())
 
 
-@pytest.mark.parametrize("name", ["base", "hunyuan-1t", "tiny-zh"])
+@pytest.mark.parametrize("name", shipped_recipes())
 def test_every_shipped_recipe_loads_and_round_trips(name):
     cfg = load_recipe(name)
     assert cfg.name == name
@@ -58,6 +59,9 @@ def test_int_is_accepted_for_float():
         ("data.whole_word_mask=1", "data.whole_word_mask must be bool"),
         ("model.moe=3", "model.moe must be a section"),
         ("model.moe.top_k=9", "top_k must be in [1, num_experts]"),
+        ("model.moe.router_input=expert", "model.moe.router_input must be one of hidden, word"),
+        ("model.attn_reuse.every=x", "model.attn_reuse.every must be int"),
+        ("model.attn_reuse.inference=rrr", "model.attn_reuse.inference must be 'reuse'"),
         ("novalue", "--set expects section.key=value"),
     ],
 )

@@ -32,7 +32,12 @@ TRAIN_KEYS = (
     "expert_load_max_over_mean_per_layer",
     "dropped_fraction",
 )
-HELDOUT_KEYS = ("kind", "step", "heldout_loss", "tokens", "elapsed")
+HELDOUT_KEYS = ("kind", "step", "heldout_loss", "tokens", "elapsed") + (
+    "expert_load_max_over_mean",  # MoE models only (train/routing_stats.py)
+    "expert_load_max_over_mean_per_layer",
+    "routing_churn",
+    "routing_churn_per_layer",
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

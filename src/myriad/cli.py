@@ -37,12 +37,47 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in --out"
     )
+    pretrain.add_argument(
+        "--init-from",
+        metavar="CKPT",
+        help="hot-start from a trained run/checkpoint: load, upcycle dense->MoE, or grow",
+    )
     pretrain.set_defaults(func=cmd_pretrain)
 
     info = sub.add_parser("info", help="describe a recipe or a checkpoint")
     info.add_argument("target", help="recipe name, .toml path, run directory or checkpoint")
     info.add_argument("--set", dest="overrides", action="append", default=[])
     info.set_defaults(func=cmd_info)
+
+    plan = sub.add_parser("plan", help="per-GPU memory, step time and smallest cluster of a recipe")
+    _add_recipe_args(plan)
+    plan.add_argument("--cluster", required=True, help="shipped cluster spec name or a .toml path")
+    plan.set_defaults(func=cmd_plan)
+
+    from myriad.eval.args import add_finetune_args, add_task_args
+
+    finetune = sub.add_parser("finetune", help="fine-tune a checkpoint on a classification task")
+    finetune.add_argument("--checkpoint", required=True, help="run dir, checkpoints or step dir")
+    add_task_args(finetune)
+    finetune.add_argument("--out", help="output folder (default: runs/finetune-TASK)")
+    finetune.add_argument("--from-scratch", action="store_true", help="random init baseline")
+    add_finetune_args(finetune)
+    finetune.set_defaults(func=cmd_finetune)
+
+    evaluate = sub.add_parser("evaluate", help="score a fine-tuned model, or run a task suite")
+    evaluate.add_argument("--suite", help="run every system on a suite of tasks: builtin")
+    evaluate.add_argument("--model", help="a folder written by myriad finetune, to score")
+    evaluate.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH")
+    evaluate.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    evaluate.add_argument("--work-dir", default="runs/suite", help="suite: fine-tuning runs")
+    evaluate.add_argument("--out", help="suite: report (docs/results.md); else predictions file")
+    add_task_args(evaluate, required=False)
+    add_finetune_args(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate)
+    export = sub.add_parser("export", help="consolidate engine shard files into one safetensors")
+    export.add_argument("shards", help="directory holding engine-rank*-of-*.safetensors/.json")
+    export.add_argument("--out", required=True, help="the safetensors file to write")
+    export.set_defaults(func=cmd_export)
     return parser
 
 
@@ -53,6 +88,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.data:
         overrides.append(f"data.corpus={_toml_string(args.data)}")
+    if args.init_from:
+        overrides.append(f"train.init_from={_toml_string(args.init_from)}")
     recipe = args.recipe or DEFAULT_RECIPE
     out_dir = Path(args.out) if args.out else Path("runs") / Path(recipe).stem
     if args.resume and args.recipe is None and (out_dir / "config.json").is_file():
@@ -88,6 +125,36 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     cfg = load_recipe(args.target, args.overrides)
     print(describe({"config": to_dict(cfg)}))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from myriad.config import DEFAULT_RECIPE, load_recipe
+    from myriad.engine.cluster import load_cluster
+    from myriad.engine.plan_report import format_plan
+    from myriad.engine.planner import make_plan
+
+    cfg = load_recipe(args.recipe or DEFAULT_RECIPE, args.overrides)
+    print(format_plan(make_plan(cfg, load_cluster(args.cluster))))
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from myriad.eval.cli import finetune_command
+
+    return finetune_command(args)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from myriad.eval.cli import evaluate_command
+
+    return evaluate_command(args)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from myriad.engine.shards import export
+
+    print(f"wrote {export(Path(args.shards), Path(args.out))}")
     return 0
 
 

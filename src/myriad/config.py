@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from myriad.data.config import DataConfig
+from myriad.engine.config import EngineConfig
 from myriad.errors import UserError
 from myriad.model.config import ModelConfig
 from myriad.train.config import TrainConfig
@@ -36,6 +37,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
 
 def shipped_recipes() -> list[str]:
@@ -81,6 +83,7 @@ def build_config(raw: dict[str, Any], overrides: list[str], where: str) -> RunCo
         _apply_override(raw, item)
     cfg = from_dict(RunConfig, raw, where=where)
     cfg.model.validate()
+    cfg.engine.validate()
     return cfg
 
 

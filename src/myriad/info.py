@@ -6,6 +6,7 @@ from typing import Any
 
 from myriad.config import RunConfig, from_dict
 from myriad.model import count_parameters
+from myriad.model.flops import attention_saving, forward_flops
 
 
 def human_count(n: float) -> str:
@@ -29,6 +30,25 @@ def _short(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _flop_lines(cfg: RunConfig) -> list[str]:
+    """Forward matmul FLOPs per token (model/flops.py) at the recipe's sequence length."""
+    seq_len = cfg.data.seq_len
+    mlm = cfg.model.objective == "mlm"
+    labelled = cfg.data.mask_prob * seq_len if mlm else None
+    per_token = forward_flops(cfg.model, seq_len, labelled_positions=labelled).per_token()
+    where = f"{cfg.data.mask_prob:.0%} of positions predicted" if mlm else "causal LM"
+    lines = ["", f"forward FLOPs per token (S = {seq_len}, {where})"]
+    for key in ("attention", "ffn", "router", "lm_head", "total"):
+        lines.append(f"  {key:<16} {per_token[key]:>18,.0f}  ({human_count(per_token[key])})")
+    if cfg.model.attn_reuse.reuse_layers(cfg.model.n_layers):
+        cut = attention_saving(cfg.model, seq_len, labelled)
+        lines.append(
+            f"  attention reuse cuts attention FLOPs by {cut['attention_cut_inference']:.1%} "
+            f"at inference, {cut['attention_cut_training']:.1%} expected in training"
+        )
+    return lines
+
+
 def describe(info: dict[str, Any]) -> str:
     """Config, parameter counts and, when present, the training state of a checkpoint."""
     cfg: RunConfig = from_dict(RunConfig, info["config"], where="config")
@@ -48,6 +68,7 @@ def describe(info: dict[str, Any]) -> str:
         f"({moe_layers} MoE layers x {moe.num_experts} experts, top-{moe.top_k})",
         f"  embedding        {counts.embedding:>18,}",
     ]
+    lines += _flop_lines(cfg)
     state = info.get("state")
     if state:
         width = max(len(key) for key in state)

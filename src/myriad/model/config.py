@@ -24,6 +24,46 @@ class MoEConfig:
     z_loss_coef: float = 0.0
     bias_update_rate: float = 0.0
     capacity_factor: float = 0.0  # 0: dropless; >0: each expert takes at most cf*T*K/E tokens
+    # What the router scores experts from: "hidden" (each MoE layer's own hidden state), "word"
+    # (the detached input embedding of the token id) or "routing_embedding" (a separate small
+    # embedding). The last two depend on token ids only: one decision per batch, shared by every
+    # MoE layer, which the trainer can freeze (train.freeze_routing_step).
+    router_input: str = "hidden"
+    routing_dim: int = 64  # width of the routing embedding (router_input = "routing_embedding")
+    # Start from frequency-balanced expert bins measured on the training data (routing_embedding
+    # only; the trainer passes the token counts to MoETransformerLM.init_balanced_routing).
+    balanced_init: bool = False
+
+
+ROUTER_INPUTS = ("hidden", "word", "routing_embedding")
+
+
+@dataclass(kw_only=True)
+class AttnReuseConfig:
+    """Attention-weight reuse: reuse layers take the previous layer's attention probabilities.
+
+    Reuse layers are every ``every``-th layer (layers every-1, 2*every-1, ..., never layer 0).
+    In training each reuse layer recomputes its own attention with probability
+    ``recompute_prob``; in evaluation it follows ``inference``: "reuse", "recompute", or one
+    letter per reuse layer ("r" reuse, "c" compute), e.g. "rc" for two reuse layers.
+    """
+
+    every: int = 0  # 0: no reuse layers
+    recompute_prob: float = 0.5
+    inference: str = "reuse"
+
+    def reuse_layers(self, n_layers: int) -> list[int]:
+        """0-based indices of the reuse layers."""
+        if self.every <= 0:
+            return []
+        return [i for i in range(1, n_layers) if (i + 1) % self.every == 0]
+
+    def inference_plan(self, n_layers: int) -> list[bool]:
+        """For each reuse layer, whether it reuses (True) or computes its own attention."""
+        count = len(self.reuse_layers(n_layers))
+        if self.inference in ("reuse", "recompute"):
+            return [self.inference == "reuse"] * count
+        return [letter == "r" for letter in self.inference]
 
 
 @dataclass(kw_only=True)
@@ -43,16 +83,27 @@ class ModelConfig:
     init_std: float = 0.02
     tie_embeddings: bool = True
     moe: MoEConfig = field(default_factory=MoEConfig)
+    attn_reuse: AttnReuseConfig = field(default_factory=AttnReuseConfig)
 
     def is_moe_layer(self, index: int) -> bool:
         """Whether layer ``index`` (0-based) has an MoE FFN rather than a dense one."""
         every = self.moe.every
         return every > 0 and (index + 1) % every == 0
 
+    @property
+    def shared_routing(self) -> bool:
+        """Whether one token-id router serves every MoE layer (word-vector routing)."""
+        return self.moe.every > 0 and self.moe.router_input != "hidden"
+
     def validate(self) -> None:
         """Reject inconsistent values with a message naming the key."""
         from myriad.errors import UserError
 
+        moe, reuse = self.moe, self.attn_reuse
+        n_reuse = len(reuse.reuse_layers(self.n_layers))
+        pattern_ok = reuse.inference in ("reuse", "recompute") or (
+            len(reuse.inference) == n_reuse and set(reuse.inference) <= {"r", "c"}
+        )
         checks = [
             (self.objective in ("mlm", "clm"), "model.objective must be 'mlm' or 'clm'"),
             (self.d_model % self.n_heads == 0, "model.d_model must be divisible by model.n_heads"),
@@ -67,6 +118,30 @@ class ModelConfig:
             ),
             (self.moe.capacity_factor >= 0, "model.moe.capacity_factor must be >= 0"),
             (self.moe.every >= 0, "model.moe.every must be >= 0"),
+            (
+                moe.router_input in ROUTER_INPUTS,
+                f"model.moe.router_input must be one of {', '.join(ROUTER_INPUTS)}, "
+                f"got {moe.router_input!r}",
+            ),
+            (moe.routing_dim >= 1, "model.moe.routing_dim must be >= 1"),
+            (
+                not moe.balanced_init or moe.router_input == "routing_embedding",
+                "model.moe.balanced_init needs model.moe.router_input = 'routing_embedding'",
+            ),
+            (
+                not moe.balanced_init or moe.routing_dim >= moe.num_experts,
+                "model.moe.balanced_init needs model.moe.routing_dim >= model.moe.num_experts",
+            ),
+            (reuse.every >= 0, "model.attn_reuse.every must be >= 0"),
+            (
+                0.0 <= reuse.recompute_prob <= 1.0,
+                "model.attn_reuse.recompute_prob must be in [0, 1]",
+            ),
+            (
+                pattern_ok,
+                "model.attn_reuse.inference must be 'reuse', 'recompute' or one letter r/c per "
+                f"reuse layer ({n_reuse} here), got {reuse.inference!r}",
+            ),
         ]
         for ok, message in checks:
             if not ok:

@@ -1,6 +1,7 @@
 """Dense building blocks: RMSNorm, rotary positions, attention and the SwiGLU FFN.
 
-Shape legend: B batch, S sequence, D model dim, H heads, G kv heads, Dh head dim, F ffn hidden.
+Shape legend: B batch, S sequence (queries), T sequence (keys), D model dim, H heads, G kv heads,
+Dh head dim, F ffn hidden.
 """
 
 from __future__ import annotations
@@ -40,7 +41,12 @@ def apply_rotary(x_BHSDh: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
 
 
 class Attention(nn.Module):
-    """Multi-head (or grouped-query) self-attention on ``scaled_dot_product_attention``."""
+    """Multi-head (or grouped-query) self-attention on ``scaled_dot_product_attention``.
+
+    Attention-weight reuse needs the probability matrix, which SDPA never materialises, so
+    :meth:`forward_probs` computes ``softmax(QK^T)`` explicitly and :meth:`forward_reuse` applies
+    given probabilities to this layer's own values; :meth:`forward` (SDPA) is untouched.
+    """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, causal: bool) -> None:
         super().__init__()
@@ -78,6 +84,49 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=self.causal and mask is None
         )
         return self.wo(out_BHSDh.transpose(1, 2).reshape(B, S, -1))
+
+    def _values(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        """V of every query head (kv heads repeated for GQA): (B, H, S, Dh)."""
+        B, S, _ = x_BSD.shape
+        v_BGSDh = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return v_BGSDh.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+
+    def _output(self, probs_BHST: torch.Tensor, v_BHTDh: torch.Tensor) -> torch.Tensor:
+        B, _, S, _ = probs_BHST.shape
+        out_BHSDh = torch.matmul(probs_BHST.to(v_BHTDh.dtype), v_BHTDh)
+        return self.wo(out_BHSDh.transpose(1, 2).reshape(B, S, -1))
+
+    def forward_probs(
+        self,
+        x_BSD: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        key_padding_mask_BS: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same function as :meth:`forward` via an explicit fp32 softmax; also the probs."""
+        B, S, _ = x_BSD.shape
+        q = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        scores_BHST = torch.matmul(q, k.transpose(-1, -2)).float() * self.head_dim**-0.5
+        allowed = None
+        if key_padding_mask_BS is not None:
+            allowed = key_padding_mask_BS[:, None, None, :]  # True = attend
+        if self.causal:
+            causal_ST = torch.ones(S, S, dtype=torch.bool, device=x_BSD.device).tril()
+            allowed = causal_ST if allowed is None else allowed & causal_ST
+        if allowed is not None:
+            scores_BHST = scores_BHST.masked_fill(~allowed, float("-inf"))
+        probs_BHST = scores_BHST.softmax(dim=-1)
+        return self._output(probs_BHST, self._values(x_BSD)), probs_BHST
+
+    def forward_reuse(self, x_BSD: torch.Tensor, probs_BHST: torch.Tensor) -> torch.Tensor:
+        """Reuse another layer's probabilities: only V, PV and the output projection run.
+
+        The probabilities already carry that layer's padding and causal masks (same batch).
+        """
+        return self._output(probs_BHST, self._values(x_BSD))
 
 
 class SwiGLU(nn.Module):

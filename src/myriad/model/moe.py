@@ -9,6 +9,7 @@ Shape legend: T tokens, D model dim, E experts, K top-k, F expert hidden, A = T*
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ from myriad.model.moe_dispatch import (
     plan_dispatch,
     swiglu_experts,
 )
-from myriad.model.router import TopKRouter
+from myriad.model.router import Routing, TopKRouter
 
 # Mean assignments per expert from which grouped_mm is preferred to the padded bmm. On the CPU
 # (docs/moe.md, with the CPU gradient-buffer reuse) the padded bmm was 0-5 % behind grouped_mm at
@@ -49,6 +50,7 @@ class MoEOutput:
     z_loss: torch.Tensor
     tokens_per_expert_E: torch.Tensor  # routed assignments per expert, before any drop
     dropped_fraction: torch.Tensor  # share of assignments dropped by the capacity limit
+    expert_ids_TK: torch.Tensor | None = None  # the routing decision (routing statistics)
 
 
 def choose_strategy(
@@ -85,7 +87,8 @@ class MoEFeedForward(nn.Module):
         super().__init__()
         self.cfg = cfg
         E, D, F_ = cfg.num_experts, d_model, cfg.d_expert
-        self.router = TopKRouter(d_model, cfg)
+        # Word-vector routing decides once per batch in the model and passes the decision in.
+        self.router = TopKRouter(d_model, cfg) if cfg.router_input == "hidden" else None
         # Gate and up projections side by side: one batched matmul computes both.
         self.w_in_EDF2 = nn.Parameter(torch.empty(E, D, 2 * F_))
         self.w_out_EFD = nn.Parameter(torch.empty(E, F_, D))
@@ -98,6 +101,10 @@ class MoEFeedForward(nn.Module):
         # saves the page faults of ~100 MB of fresh gradients per step at 256 experts.
         self.reuse_cpu_grad_buffers = True
         self._grad_bufs = GradBuffers()
+        # Seam for engines (e.g. expert parallelism), set from outside: when not None it computes
+        # y_TD from (x_TD, expert_ids_TK, weights_TK, w_in_EDF2, w_out_EFD) instead of the local
+        # dispatch below (dropless only).
+        self.expert_fn: Callable[..., torch.Tensor] | None = None
 
     def capacity(self, num_tokens: int) -> int:
         """Most assignments one expert keeps (0: dropless)."""
@@ -114,38 +121,51 @@ class MoEFeedForward(nn.Module):
         num_assignments = x_TD.shape[0] * self.cfg.top_k
         return choose_strategy(num_assignments, self.cfg.num_experts, x_TD.device, x_TD.dtype)
 
-    def forward(self, x_TD: torch.Tensor) -> MoEOutput:
+    def forward(self, x_TD: torch.Tensor, routing: Routing | None = None) -> MoEOutput:
         # The hand-written autograd below runs outside autocast, on one explicit compute dtype:
         # autocast would leave out= matmuls in fp32 and hand backward mixed dtypes. The router
         # stays in fp32 either way.
         compute_dtype = _autocast_dtype(x_TD)
         with torch.autocast(x_TD.device.type, enabled=False):
-            routing = self.router(x_TD)
+            if routing is None:
+                if self.router is None:
+                    raise ValueError("this MoE layer routes by token id: pass routing=")
+                routing = self.router(x_TD)
             x_TD_c = x_TD.to(compute_dtype)
             T, K = x_TD.shape[0], self.cfg.top_k
             capacity = self.capacity(T)
-            plan = plan_dispatch(
-                routing.expert_ids_TK,
-                routing.counts_E,
-                self.strategy_for(x_TD_c),
-                capacity,
-                self.max_groups,
-            )
-            x_rows = dispatch(x_TD_c, plan)
             w_in = self.w_in_EDF2.to(compute_dtype)
             w_out = self.w_out_EFD.to(compute_dtype)
-            bufs = None
-            if self.reuse_cpu_grad_buffers and x_TD.device.type == "cpu":
-                bufs = self._grad_bufs
-            y_rows = swiglu_experts(x_rows, w_in, w_out, plan.mm, bufs)
-            y_TD = combine(y_rows, routing.weights_TK, plan)
+            if self.expert_fn is not None:
+                ids_TK, weights_TK = routing.expert_ids_TK, routing.weights_TK
+                y_TD = self.expert_fn(x_TD_c, ids_TK, weights_TK, w_in, w_out)
+            else:
+                plan = plan_dispatch(
+                    routing.expert_ids_TK,
+                    routing.counts_E,
+                    self.strategy_for(x_TD_c),
+                    capacity,
+                    self.max_groups,
+                )
+                bufs = None
+                if self.reuse_cpu_grad_buffers and x_TD.device.type == "cpu":
+                    bufs = self._grad_bufs
+                y_rows = swiglu_experts(dispatch(x_TD_c, plan), w_in, w_out, plan.mm, bufs)
+                y_TD = combine(y_rows, routing.weights_TK, plan)
         dropped = x_TD.new_zeros((), dtype=torch.float32)
         if capacity > 0:
             kept = routing.counts_E.clamp(max=capacity).sum().float()
             dropped = 1.0 - kept / max(T * K, 1)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
-        return MoEOutput(y_TD, routing.load_balance_loss, routing.z_loss, routing.counts_E, dropped)
+        return MoEOutput(
+            y_TD,
+            routing.load_balance_loss,
+            routing.z_loss,
+            routing.counts_E,
+            dropped,
+            routing.expert_ids_TK,
+        )
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype:

@@ -28,7 +28,7 @@ def count_parameters(cfg: ModelConfig) -> ParamCounts:
     dense_ffn = 3 * D * cfg.d_ff
     moe = cfg.moe
     expert = 3 * D * moe.d_expert
-    router = moe.num_experts * D
+    router = 0 if cfg.shared_routing else moe.num_experts * D  # word routing: one, below
     shared = 3 * D * moe.d_expert * moe.num_shared_experts
     total = active = experts = 0
     for i in range(cfg.n_layers):
@@ -41,6 +41,13 @@ def count_parameters(cfg: ModelConfig) -> ParamCounts:
         else:
             total += dense_ffn
             active += dense_ffn
+    if cfg.shared_routing:
+        routing_dim = moe.routing_dim if moe.router_input == "routing_embedding" else D
+        shared_router = moe.num_experts * routing_dim
+        if moe.router_input == "routing_embedding":
+            shared_router += V * routing_dim
+        total += shared_router
+        active += shared_router
     embedding = V * D * (1 if cfg.tie_embeddings else 2)
     total += embedding + D
     active += embedding + D

@@ -72,3 +72,117 @@ class TopKRouter(nn.Module):
             return
         load_E = tokens_per_expert_E.float().to(self.selection_bias_E.device)
         self.selection_bias_E += self.bias_update_rate * torch.sign(load_E.mean() - load_E)
+
+
+def balanced_assignment(counts_V: torch.Tensor, num_experts: int, top_k: int) -> torch.Tensor:
+    """Frequency-balanced bins: each token id gets ``top_k`` distinct experts, greedily.
+
+    Tokens go in descending frequency to the ``top_k`` currently least-loaded experts (longest
+    processing time first), so the final load of every expert is at most
+    ``top_k * counts.sum() / (num_experts - top_k + 1) + counts.max()``: a Zipf head cannot pile
+    onto one expert. Unseen ids add a tiny load so they spread too. Returns int64 (V, K),
+    each row ordered by preference (its first expert is the token's top-1).
+    """
+    counts = counts_V.double().cpu()
+    order_V = torch.sort(counts, descending=True, stable=True).indices
+    load_E = torch.zeros(num_experts, dtype=torch.float64)
+    ids_VK = torch.empty(counts.shape[0], top_k, dtype=torch.int64)
+    tiny = 1e-6 * max(float(counts[counts > 0].min()) if bool((counts > 0).any()) else 1.0, 1e-9)
+    for v in order_V.tolist():
+        # stable sort keeps the lowest expert index first among equal loads: deterministic
+        chosen = torch.sort(load_E, stable=True).indices[:top_k]
+        ids_VK[v] = chosen
+        load_E[chosen] += float(counts[v]) + tiny
+    return ids_VK
+
+
+class WordRouter(nn.Module):
+    """Routes a token from its id alone (word-vector routing), once per batch for all MoE layers.
+
+    The router scores experts from the RMS-normalised word vector: the model's input embedding,
+    detached so routing does not pull on it (``router_input="word"``), or a separate routing
+    embedding (``"routing_embedding"``). :meth:`freeze` snapshots the decision of every vocabulary
+    id into a table; afterwards routing is a lookup and never changes (StableMoE's second stage).
+    """
+
+    frozen_ids_VK: torch.Tensor
+    frozen_weights_VK: torch.Tensor
+    frozen: torch.Tensor
+
+    def __init__(self, vocab_size: int, d_model: int, cfg: MoEConfig, eps: float) -> None:
+        super().__init__()
+        self.source = cfg.router_input
+        self.eps = eps
+        self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
+        self.embed = (
+            nn.Embedding(vocab_size, cfg.routing_dim)
+            if self.source == "routing_embedding"
+            else None
+        )
+        self.gate = TopKRouter(cfg.routing_dim if self.embed is not None else d_model, cfg)
+        self.register_buffer("frozen_ids_VK", torch.zeros(vocab_size, cfg.top_k, dtype=torch.long))
+        self.register_buffer("frozen_weights_VK", torch.zeros(vocab_size, cfg.top_k))
+        self.register_buffer("frozen", torch.zeros(1, dtype=torch.bool))
+
+    @property
+    def is_frozen(self) -> bool:
+        return bool(self.frozen.item())
+
+    def _vectors(self, ids_T: torch.Tensor, word_vectors_TD: torch.Tensor) -> torch.Tensor:
+        x_TD = self.embed(ids_T) if self.embed is not None else word_vectors_TD.detach()
+        return F.rms_norm(x_TD.float(), (x_TD.shape[-1],), eps=self.eps)
+
+    def forward(self, ids_T: torch.Tensor, word_vectors_TD: torch.Tensor) -> Routing:
+        """Routing of tokens ``ids_T``; ``word_vectors_TD`` are their input embeddings."""
+        if not self.is_frozen:
+            with torch.autocast(ids_T.device.type, enabled=False):  # router math stays fp32
+                return self.gate(self._vectors(ids_T, word_vectors_TD))
+        expert_ids_TK = self.frozen_ids_VK[ids_T]
+        weights_TK = self.frozen_weights_VK[ids_T]
+        counts_E = torch.zeros(self.num_experts, dtype=torch.int64, device=ids_T.device)
+        counts_E.scatter_add_(0, expert_ids_TK.flatten(), torch.ones_like(expert_ids_TK.flatten()))
+        # Constant diagnostics once frozen (nothing left to train): the Switch formula with the
+        # frozen combine weights in place of the router probabilities.
+        fraction_E = counts_E.float() / max(expert_ids_TK.numel(), 1)
+        mean_weight_E = torch.zeros(self.num_experts, device=ids_T.device)
+        mean_weight_E.scatter_add_(0, expert_ids_TK.flatten(), weights_TK.flatten())
+        mean_weight_E = mean_weight_E / max(ids_T.shape[0], 1)
+        load_balance_loss = self.num_experts * (fraction_E * mean_weight_E).sum()
+        zero = weights_TK.new_zeros(())
+        return Routing(weights_TK, expert_ids_TK, load_balance_loss, zero, counts_E)
+
+    @torch.no_grad()
+    def freeze(self, embedding_VD: torch.Tensor) -> None:
+        """Snapshot every id's experts and weights; later calls keep the first snapshot."""
+        if self.is_frozen:
+            return
+        ids_V = torch.arange(self.frozen_ids_VK.shape[0], device=self.frozen_ids_VK.device)
+        with torch.autocast(ids_V.device.type, enabled=False):
+            routing = self.gate(self._vectors(ids_V, embedding_VD))
+        self.frozen_ids_VK.copy_(routing.expert_ids_TK)
+        self.frozen_weights_VK.copy_(routing.weights_TK)
+        self.frozen.fill_(True)
+
+    @torch.no_grad()
+    def init_balanced(self, counts_V: torch.Tensor, gain: float = 0.3) -> torch.Tensor:
+        """Set the routing embedding so each id's top-k is its frequency-balanced bin.
+
+        Channel ``e`` of the first ``E`` routing channels votes for expert ``e``: an id's row holds
+        ``1 - k / (2K)`` at its k-th expert's channel and 0 at the other E channels, the router
+        reads those channels through ``gain * I``; the remaining channels keep their random
+        init (read through zeros) so they are free to learn. Returns the (V, K) assignment.
+        """
+        if self.embed is None:
+            raise ValueError("balanced init needs router_input='routing_embedding'")
+        E, K = self.num_experts, self.top_k
+        ids_VK = balanced_assignment(counts_V, E, K).to(self.embed.weight.device)
+        votes_K = 1.0 - torch.arange(K, dtype=torch.float32) / (2 * K)
+        table_VR = self.embed.weight
+        table_VR[:, :E] = 0.0
+        rows_V = torch.arange(ids_VK.shape[0], device=ids_VK.device)
+        for k in range(K):
+            table_VR[rows_V, ids_VK[:, k]] = float(votes_K[k])
+        weight_ER = self.gate.weight
+        weight_ER.zero_()
+        weight_ER[:, :E] = gain * torch.eye(E, device=weight_ER.device)
+        return ids_VK

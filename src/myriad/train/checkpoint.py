@@ -116,7 +116,7 @@ def save_checkpoint(
             write(tmp / name)
             _fsync_file(tmp / name)
         _fsync_dir(tmp)
-        _move_into_place(tmp, final)
+        move_into_place(tmp, final)
         _fsync_dir(root)
         _write_latest(root, final.name)
     except OSError as exc:
@@ -132,7 +132,7 @@ def save_checkpoint(
     return final
 
 
-def _move_into_place(tmp: Path, final: Path) -> None:
+def move_into_place(tmp: Path, final: Path) -> None:
     """Rename ``tmp`` to ``final``, replacing an older ``final`` (a step repeated on resume)."""
     if final.exists():
         trash = final.with_name(f"{TMP_PREFIX}old-{final.name}-{os.getpid()}")

@@ -27,3 +27,10 @@ class TrainConfig:
     keep_checkpoints: int = 3  # newest step-* directories kept; 0 keeps every checkpoint
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16" or "fp32"
+    # Word-vector routing (model.moe.router_input "word"/"routing_embedding"): after this step
+    # every token id keeps its experts for good (StableMoE's frozen stage); 0 never freezes.
+    freeze_routing_step: int = 0
+    # Hot-start (train/hotstart.py): a checkpoint to start from; load, upcycle or grow by shapes.
+    init_from: str = ""  # a run, checkpoints or step directory; empty starts from scratch
+    upcycle: str = "copy"  # dense -> MoE: "copy" (every expert = the FFN) or "split" (its units)
+    upcycle_noise: float = 0.0  # Gaussian noise on upcycled experts, times each tensor's std

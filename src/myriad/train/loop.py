@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,6 +22,7 @@ from myriad.train import checkpoint
 from myriad.train.config import TrainConfig
 from myriad.train.device import AutocastFactory
 from myriad.train.metrics import MetricsLogger, heldout_row, train_row
+from myriad.train.routing_stats import RoutingMonitor
 from myriad.train.state import Progress, summary, trainer_state
 from myriad.train.step import Batch, TrainStep
 
@@ -52,6 +53,7 @@ class Loop:
     heldout: list[Batch]
     autocast: AutocastFactory
     device: torch.device
+    routing: RoutingMonitor = field(default_factory=RoutingMonitor)  # balance and churn
 
 
 @torch.no_grad()
@@ -87,20 +89,22 @@ def _evaluate(loop: Loop, progress: Progress, metrics: MetricsLogger, clock: Clo
         return
     progress.last["heldout_loss"] = loss
     progress.last.setdefault("first_heldout_loss", loss)
-    metrics.heldout(
-        heldout_row(loss, step=progress.step, tokens_seen=progress.tokens_seen, elapsed=clock())
-    )
+    routing = loop.routing.measure(loop.model, loop.heldout, loop.autocast, loop.device)
+    row = heldout_row(loss, step=progress.step, tokens_seen=progress.tokens_seen, elapsed=clock())
+    metrics.heldout(row | routing)
 
 
 def save(loop: Loop, progress: Progress, keep: int) -> Path:
     """Checkpoint the end of step ``progress.step`` (weights, config, optimizer, RNG, data)."""
     optimizer, scheduler = loop.step_fn.optimizer, loop.step_fn.scheduler
+    state = trainer_state(progress, optimizer, scheduler, loop.stream.state_dict())
+    state["routing_monitor"] = loop.routing.state_dict()
     return checkpoint.save_checkpoint(
         loop.checkpoint_root,
         step=progress.step,
         model=loop.model,
         config=loop.config_dict,
-        state=trainer_state(progress, optimizer, scheduler, loop.stream.state_dict()),
+        state=state,
         summary=summary(progress, optimizer.param_groups[0]["lr"]),
         keep=keep,
     )
@@ -136,6 +140,8 @@ def run_loop(loop: Loop, progress: Progress, metrics: MetricsLogger) -> Progress
         progress.tokens_seen += m.tokens
         progress.elapsed = clock()
         progress.last.update(loss=m.loss, lm_loss=m.lm_loss)
+        if progress.step == cfg.freeze_routing_step:  # word-vector routing: fixed from here on
+            loop.model.freeze_routing()
         _add_load(progress, m.tokens_per_expert)
         metrics.train(
             train_row(

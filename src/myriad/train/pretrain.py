@@ -13,15 +13,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+
 from myriad.config import RunConfig, from_dict, to_dict
+from myriad.data import curriculum
+from myriad.engine import runtime as engine_runtime
 from myriad.errors import UserError
 from myriad.model import MoETransformerLM, count_parameters
-from myriad.train import checkpoint
+from myriad.train import checkpoint, hotstart
 from myriad.train.device import autocast_factory, precision_name, resolve_device
 from myriad.train.loop import BatchStream, Loop, run_loop
 from myriad.train.metrics import MetricsLogger, read_metrics, truncate_metrics
-from myriad.train.optim import build_optimizer, build_scheduler
+from myriad.train.optim import build_scheduler
 from myriad.train.plots import plot_expert_load, plot_losses
+from myriad.train.routing_stats import count_batches, token_counts
 from myriad.train.state import Progress, restore_rng, restore_trainer_state, seed_everything
 from myriad.train.step import Batch, TrainStep
 
@@ -36,6 +41,9 @@ RESUMABLE_CHANGES = frozenset(
         "train.keep_checkpoints",
         "train.device",
         "train.precision",
+        "engine.device_budget_mb",
+        "engine.timeout_s",
+        "engine.backend",
     }
 )
 RUN_MARKERS = ("config.json", "checkpoints", "metrics.jsonl")
@@ -52,6 +60,7 @@ class PreparedData(Protocol):
 
     def train_stream(self, batch_size: int, seed: int) -> BatchStream: ...
     def heldout_batches(self, batch_size: int, max_batches: int, seed: int) -> list[Batch]: ...
+    def curriculum_stream(self, base: Any, batches_per_step: int) -> BatchStream: ...
 
 
 @dataclass
@@ -155,23 +164,39 @@ def _prepare_data(cfg: RunConfig, out_dir: Path) -> PreparedData:
 
 def build_loop(cfg: RunConfig, out_dir: Path, prepared: PreparedData) -> Loop:
     """Every object of the run, in seed order: model init first, then optimizer, then data."""
-    device = resolve_device(cfg.train.device)
+    runtime = engine_runtime.start(cfg.engine, resolve_device(cfg.train.device))
+    device = runtime.device
     autocast = autocast_factory(cfg.train.precision, device)
     seed_everything(cfg.train.seed)
     model = MoETransformerLM(cfg.model).to(device)
-    optimizer = build_optimizer(model, cfg.train, device)
+    if cfg.model.moe.balanced_init:  # frequency-balanced routing bins, counted on a fresh stream
+        b = cfg.train.batch_size
+        n = count_batches(prepared.num_train_sequences, b)
+        counts_V = token_counts(prepared.train_stream(b, cfg.train.seed), n, cfg.model.vocab_size)
+        model.init_balanced_routing(counts_V.to(device))
+    probe_BS = torch.zeros(1, min(4, cfg.model.max_seq_len), dtype=torch.long, device=device)
+    optimizer, sync = engine_runtime.wrap(runtime, model, cfg.train, lambda: model(probe_BS))
     scheduler = build_scheduler(optimizer, cfg.train)
-    step_fn = TrainStep(
-        model, optimizer, scheduler, grad_clip=cfg.train.grad_clip, autocast=autocast, device=device
-    )
     t = cfg.train
+    step_fn = TrainStep(
+        model,
+        optimizer,
+        scheduler,
+        grad_clip=t.grad_clip,
+        autocast=autocast,
+        device=device,
+        sync=sync,
+    )
+    stream: BatchStream = prepared.train_stream(t.batch_size, runtime.stream_seed(t.seed))
+    if curriculum.is_enabled(cfg.data.curriculum):
+        stream = prepared.curriculum_stream(stream, batches_per_step=t.grad_accum)
     return Loop(
         train_cfg=t,
         config_dict=to_dict(cfg),
         checkpoint_root=out_dir / "checkpoints",
         model=model,
         step_fn=step_fn,
-        stream=prepared.train_stream(t.batch_size, t.seed),
+        stream=stream,
         heldout=prepared.heldout_batches(t.batch_size, t.eval_batches, t.seed),
         autocast=autocast,
         device=device,
@@ -184,6 +209,7 @@ def _restore(loop: Loop, step_dir: Path) -> Progress:
     state = checkpoint.load_state(step_dir)
     progress = restore_trainer_state(state, loop.step_fn.optimizer, loop.step_fn.scheduler)
     loop.stream.load_state_dict(state["data_stream"])
+    loop.routing.load_state_dict(state.get("routing_monitor"))
     restore_rng(state["rng"])
     return progress
 
@@ -200,6 +226,11 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise UserError(
             f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})"
+        )
+    if t.freeze_routing_step < 0 or (t.freeze_routing_step and not cfg.model.shared_routing):
+        raise UserError(
+            f"train.freeze_routing_step ({t.freeze_routing_step}) needs an MoE model with "
+            "model.moe.router_input 'word' or 'routing_embedding', and must be >= 0"
         )
 
 
@@ -233,16 +264,23 @@ def run_pretrain(
         UserError: ``out_dir`` holds a run and ``resume`` is False; ``resume`` without a
             checkpoint, or with a config that changes a trained-on key; bad data or config.
     """
-    out_dir = Path(out_dir)
+    out_dir = engine_runtime.rank_dir(Path(out_dir))  # torchrun: ranks > 0 write below it
     _validate(cfg)
+    if cfg.train.init_from:
+        cfg = hotstart.prepare_config(cfg)  # reuse the source run's tokenizer
     resume_from = _check_out_dir(out_dir, resume)
     if resume_from is not None:
         saved = checkpoint.read_json(resume_from / checkpoint.CONFIG)
         for key in _check_resume_config(saved, to_dict(cfg), resume_from):
             log(f"resume: {key} changed from {_get(saved, key)!r} to {_get(to_dict(cfg), key)!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    prepared = _prepare_data(cfg, out_dir)  # bad data fails here, before the run is marked
+    # Bad data fails here, before the run is marked; under torchrun rank 0 prepares, then the
+    # other ranks reuse its tokenizer and cache.
+    prepared = engine_runtime.rank0_first(lambda d: _prepare_data(cfg, d), out_dir, cfg.engine)
     loop = build_loop(cfg, out_dir, prepared)
+    if cfg.train.init_from and resume_from is None:
+        mode = hotstart.init_from_checkpoint(loop.model, cfg)
+        log(f"hot-start ({mode}) from {cfg.train.init_from}")
     _write_config(out_dir, cfg)
     _log_start(log, cfg, loop, prepared)
     progress = Progress()

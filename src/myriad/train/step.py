@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -87,6 +88,34 @@ def accumulate_gradients(
     return acc
 
 
+class GradSync(Protocol):
+    """Where gradients and step statistics meet across processes (an engine, or nothing)."""
+
+    world: int
+
+    def finish_backward(self) -> None: ...
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor: ...
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor: ...
+
+
+class LocalSync:
+    """One process with ordinary parameters: nothing to reduce, torch's global-norm clip."""
+
+    world = 1
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self.params = params
+
+    def finish_backward(self) -> None:
+        pass
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        return nn.utils.clip_grad_norm_(self.params, max_norm)
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
 class TrainStep:
     """Callable that turns ``grad_accum`` micro-batches into one optimizer step.
 
@@ -103,6 +132,7 @@ class TrainStep:
         grad_clip: float,
         autocast: AutocastFactory,
         device: torch.device,
+        sync: GradSync | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -111,23 +141,33 @@ class TrainStep:
         self.autocast = autocast
         self.device = device
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.sync: GradSync = sync if sync is not None else LocalSync(self.params)
 
     def __call__(self, micro_batches: Sequence[Batch]) -> StepMetrics:
         lr = self.optimizer.param_groups[0]["lr"]
         acc = accumulate_gradients(self.model, micro_batches, self.autocast, self.device)
-        grad_norm = nn.utils.clip_grad_norm_(self.params, self.max_norm)
+        self.sync.finish_backward()
+        grad_norm = self.sync.clip_grad_norm_(self.max_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.model.update_router_biases(acc.tokens_per_expert)
+        # Across processes: losses are rank means, expert loads sums (as over micro-batches).
+        terms = [acc.loss, acc.lm_loss, acc.load_balance_loss, acc.z_loss, acc.dropped_fraction]
+        loss, lm_loss, lb, z, dropped = (
+            self.sync.all_reduce_sum(torch.stack(terms)) / self.sync.world
+        ).tolist()
+        loads = acc.tokens_per_expert
+        if loads:
+            loads = list(self.sync.all_reduce_sum(torch.stack(loads)).unbind())
+        self.model.update_router_biases(loads)
         return StepMetrics(
-            loss=acc.loss.item(),
-            lm_loss=acc.lm_loss.item(),
-            load_balance_loss=acc.load_balance_loss.item(),
-            z_loss=acc.z_loss.item(),
+            loss=loss,
+            lm_loss=lm_loss,
+            load_balance_loss=lb,
+            z_loss=z,
             grad_norm=grad_norm.item(),
             lr=lr,
-            tokens=acc.tokens,
-            dropped_fraction=acc.dropped_fraction.item(),
-            tokens_per_expert=[t.cpu() for t in acc.tokens_per_expert],
+            tokens=acc.tokens * self.sync.world,
+            dropped_fraction=dropped,
+            tokens_per_expert=[t.cpu() for t in loads],
         )

@@ -1,0 +1,222 @@
+"""The chunk store: parameters packed into fixed-size chunks, each rank owning 1/N of each.
+
+A chunk is a flat buffer of ``capacity`` elements holding whole parameters back to back (in order
+of first use). Every model parameter's ``.data`` is a view into its chunk's ``full`` buffer, whose
+storage exists only while the chunk is *gathered* (all-gathered from the owners' shards just
+before a module uses it) and is released (storage resized to 0) after. The views, and the
+tensors autograd saved for backward, stay valid across release and re-gather because the
+storage object itself is kept; this is how PyTorch's FSDP1 freed parameters too.
+
+What each rank keeps for good is the chunk's *payload*: its shard of the parameters (the fp32
+master copy), of the gradients, and the Adam moments. Payload tensors are fixed objects whose
+``.data`` moves between the device and the host tier, so the optimizer keys on them unchanged.
+
+Shape legend: C chunk capacity (elements), S = C / world shard elements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from myriad.engine.comm import Comm
+from myriad.engine.placement import MemoryManager
+
+
+@dataclass
+class Slot:
+    """Where one parameter lives in its chunk."""
+
+    name: str
+    param: nn.Parameter
+    offset: int
+    numel: int
+    shape: torch.Size
+
+
+@dataclass
+class Chunk:
+    """One fixed-size chunk: its layout, its full buffer and this rank's payload."""
+
+    index: int
+    comm: Comm  # the group that shares this chunk (world for dense, one rank for local experts)
+    capacity: int  # C, a multiple of comm.world
+    decay: bool  # weight decay applies (2-D and larger parameters)
+    slots: list[Slot] = field(default_factory=list)
+    full_C: torch.Tensor | None = None  # storage present only while gathered
+    grad_C: torch.Tensor | None = None  # full gradient, only during this chunk's backward
+    shard_S: torch.Tensor | None = None  # master parameter shard (the optimizer's "param")
+    gathered: bool = False
+    pending: int = 0  # parameters still to receive their gradient in this backward
+
+    @property
+    def shard_numel(self) -> int:
+        return self.capacity // self.comm.world
+
+    @property
+    def used(self) -> int:
+        return sum(s.numel for s in self.slots)
+
+    def shard_range(self) -> tuple[int, int]:
+        start = self.comm.rank * self.shard_numel
+        return start, start + self.shard_numel
+
+
+def pack(
+    named: list[tuple[str, nn.Parameter]], chunk_numel: int, comm: Comm, decay: bool, first: int
+) -> list[Chunk]:
+    """Greedy packing in the given order; the capacity fits the largest parameter and divides
+    evenly among ranks, so every rank's shard has the same length."""
+    if not named:
+        return []
+    biggest = max(p.numel() for _, p in named)
+    total = sum(p.numel() for _, p in named)
+    capacity = max(min(chunk_numel, total), biggest)  # a small group gets one small chunk
+    capacity = -(-capacity // comm.world) * comm.world
+    chunks: list[Chunk] = []
+    offset = capacity
+    for name, p in named:
+        if offset + p.numel() > capacity:
+            chunks.append(Chunk(first + len(chunks), comm, capacity, decay))
+            offset = 0
+        chunks[-1].slots.append(Slot(name, p, offset, p.numel(), p.shape))
+        offset += p.numel()
+    return chunks
+
+
+class ChunkStore:
+    """All chunks of a model and the param → chunk index; owns gather, release and grad reduce.
+
+    ``device`` is where full chunks live while in use (the compute device); payloads move
+    between it and the host as the memory manager decides (``move_payload``).
+    """
+
+    def __init__(self, chunks: list[Chunk], device: torch.device) -> None:
+        self.chunks = chunks
+        self.device = device
+        self.index: dict[nn.Parameter, Chunk] = {}
+        for chunk in chunks:
+            for slot in chunk.slots:
+                self.index[slot.param] = chunk
+        self.manager: MemoryManager | None = None  # set by the engine
+
+    def materialize(self) -> None:
+        """Copy each parameter's current values into its chunk, keep this rank's shard, point
+        the parameter at a view of the (then released) full buffer."""
+        for chunk in self.chunks:
+            ref = chunk.slots[0].param
+            full_C = torch.zeros(chunk.capacity, dtype=ref.dtype, device=self.device)
+            for slot in chunk.slots:
+                full_C[slot.offset : slot.offset + slot.numel].copy_(slot.param.detach().view(-1))
+            start, end = chunk.shard_range()
+            chunk.shard_S = full_C[start:end].clone()
+            for slot in chunk.slots:
+                view = full_C[slot.offset : slot.offset + slot.numel].view(slot.shape)
+                slot.param.data = view
+            chunk.full_C = full_C
+            _free(full_C)
+
+    def chunks_of(self, params: list[nn.Parameter]) -> list[Chunk]:
+        seen: dict[int, Chunk] = {}
+        for p in params:
+            chunk = self.index.get(p)
+            if chunk is not None:
+                seen.setdefault(chunk.index, chunk)
+        return list(seen.values())
+
+    def full_bytes(self, chunk: Chunk) -> int:
+        assert chunk.full_C is not None
+        return chunk.capacity * chunk.full_C.element_size()
+
+    def shard_bytes(self, chunk: Chunk) -> int:
+        return chunk.shard_numel * 4
+
+    def gather(self, chunk: Chunk) -> None:
+        """All-gather the chunk's parameters into its full buffer (no-op if already there)."""
+        if chunk.gathered:
+            return
+        assert chunk.full_C is not None and chunk.shard_S is not None and self.manager is not None
+        if torch.is_grad_enabled():
+            self.manager.touch(chunk.index)
+        self.manager.alloc(self.full_bytes(chunk), keep=chunk.index)
+        _alloc(chunk.full_C)
+        shard_S = chunk.shard_S.data
+        staged = shard_S.device != self.device  # a host payload, staged on the device (counted)
+        if staged:
+            self.manager.alloc(self.shard_bytes(chunk), keep=chunk.index)
+            shard_S = shard_S.to(self.device, non_blocking=True)
+        chunk.comm.all_gather(chunk.full_C, shard_S)
+        if staged:
+            del shard_S
+            self.manager.free(self.shard_bytes(chunk))
+        chunk.gathered = True
+
+    def release(self, chunk: Chunk) -> None:
+        if not chunk.gathered:
+            return
+        assert chunk.full_C is not None and self.manager is not None
+        _free(chunk.full_C)
+        self.manager.free(self.full_bytes(chunk))
+        chunk.gathered = False
+
+    def begin_backward(self, chunk: Chunk) -> None:
+        """First backward use of a chunk: gather it and open a zeroed full gradient buffer."""
+        if chunk.grad_C is not None:
+            return
+        assert self.manager is not None
+        self.gather(chunk)
+        self.manager.alloc(self.full_bytes(chunk), keep=chunk.index)
+        chunk.grad_C = torch.zeros(chunk.capacity, dtype=torch.float32, device=self.device)
+        chunk.pending = len(chunk.slots)
+
+    def add_grad(self, param: nn.Parameter) -> None:
+        """A parameter's gradient is complete: move it into the chunk gradient; reduce the chunk
+        once all its parameters are done."""
+        chunk = self.index[param]
+        if chunk.grad_C is None:  # gradient arrived without a module pre-backward hook
+            self.begin_backward(chunk)
+        assert chunk.grad_C is not None and param.grad is not None
+        slot = next(s for s in chunk.slots if s.param is param)
+        chunk.grad_C[slot.offset : slot.offset + slot.numel].add_(param.grad.view(-1))
+        param.grad = None
+        chunk.pending -= 1
+        if chunk.pending == 0:
+            self.reduce(chunk)
+
+    def reduce(self, chunk: Chunk) -> None:
+        """Reduce-scatter the chunk's gradient into the owner's shard (mean over ranks) and
+        release the chunk's full buffers."""
+        assert chunk.grad_C is not None and chunk.shard_S is not None and self.manager is not None
+        self.manager.touch(chunk.index)
+        self.manager.alloc(self.shard_bytes(chunk), keep=chunk.index)
+        out_S = torch.empty(chunk.shard_numel, dtype=torch.float32, device=self.device)
+        chunk.comm.reduce_scatter(out_S, chunk.grad_C)
+        if chunk.comm.world > 1:
+            out_S.div_(chunk.comm.world)
+        grad_S = chunk.shard_S.grad
+        assert grad_S is not None
+        grad_S.add_(out_S.to(grad_S.device))
+        del out_S
+        self.manager.free(self.shard_bytes(chunk))
+        chunk.grad_C = None
+        self.manager.free(self.full_bytes(chunk))
+        self.release(chunk)
+
+    def finish_backward(self) -> None:
+        """Reduce chunks some of whose parameters got no gradient this pass; release the rest."""
+        for chunk in self.chunks:
+            if chunk.grad_C is not None:
+                self.reduce(chunk)
+            self.release(chunk)
+
+
+def _free(t: torch.Tensor) -> None:
+    t.untyped_storage().resize_(0)
+
+
+def _alloc(t: torch.Tensor) -> None:
+    nbytes = t.numel() * t.element_size()
+    if t.untyped_storage().size() != nbytes:
+        t.untyped_storage().resize_(nbytes)

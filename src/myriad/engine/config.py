@@ -1,0 +1,44 @@
+"""Typed configuration of the training engine (recipe section ``engine``); plain values only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from myriad.errors import UserError
+
+ENGINE_KINDS = ("none", "myriad", "fsdp2")
+
+
+@dataclass(kw_only=True)
+class EngineConfig:
+    """How model states are partitioned, placed and exchanged across processes.
+
+    ``kind`` picks the backend: ``none`` (plain single-process / replicated model), ``myriad``
+    (this package's chunked ZeRO-3 engine with heterogeneous memory and expert parallelism) or
+    ``fsdp2`` (PyTorch ``fully_shard``).
+    """
+
+    kind: str = "none"
+    chunk_mb: float = 32.0  # fp32 chunk size; raised to the largest parameter when smaller
+    device_budget_mb: float = 0.0  # managed device memory for chunks; 0 means unlimited
+    expert_parallel: bool = False  # split experts across ranks, tokens exchanged by all-to-all
+    cpu_offload: bool = False  # fsdp2: CPUOffloadPolicy
+    timeout_s: float = 300.0  # a collective waiting longer than this fails with a clear error
+    backend: str = "auto"  # "auto" (nccl on CUDA, gloo on CPU), "gloo" or "nccl"
+
+    def validate(self) -> None:
+        """Reject inconsistent values with a message naming the key."""
+        checks = [
+            (self.kind in ENGINE_KINDS, f"engine.kind must be one of {ENGINE_KINDS}"),
+            (self.chunk_mb > 0, "engine.chunk_mb must be > 0"),
+            (self.device_budget_mb >= 0, "engine.device_budget_mb must be >= 0"),
+            (self.timeout_s > 0, "engine.timeout_s must be > 0"),
+            (self.backend in ("auto", "gloo", "nccl"), "engine.backend must be auto, gloo or nccl"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"{message}, got {self._value(message)!r}")
+
+    def _value(self, message: str) -> object:
+        key = message.split()[0].split(".", 1)[1]
+        return getattr(self, key)

@@ -1,0 +1,241 @@
+"""``apply(model, cfg)``: partition a model's states into chunks, from outside the model.
+
+The engine packs parameters (in order of first use) into fixed-size chunks, keeps 1/N of each
+chunk per rank, installs the gather/release hooks, splits experts across ranks when expert
+parallelism is on, and builds the optimizer over the owned shards. The training step talks to it
+through four calls: ``finish_backward``, ``clip_grad_norm_``, ``all_reduce_sum`` and the
+optimizer. With one process every collective is skipped; the code path is the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from myriad.engine.chunks import Chunk, ChunkStore, pack
+from myriad.engine.comm import Comm
+from myriad.engine.config import EngineConfig
+from myriad.engine.expert import ExpertParallel
+from myriad.engine.hooks import Hooks, trace_first_use
+from myriad.engine.optim import ShardAdamW, shard_param
+from myriad.engine.placement import MB, MemoryManager
+from myriad.errors import UserError
+from myriad.model.moe import MoEFeedForward
+
+EXPERT_WEIGHTS = ("w_in_EDF2", "w_out_EFD")
+
+
+class Engine:
+    """The partitioned model's chunk store, memory manager, hooks and collectives."""
+
+    def __init__(
+        self, model: nn.Module, cfg: EngineConfig, comm: Comm, device: torch.device
+    ) -> None:
+        self.model, self.cfg, self.comm, self.device = model, cfg, comm, device
+        self.store: ChunkStore
+        self.manager: MemoryManager
+        self.hooks: Hooks
+        self.expert_rows: dict[nn.Parameter, tuple[int, int]] = {}  # (first row, all rows)
+        self.param_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+        self.host_home: dict[int, list[torch.Tensor]] = {}  # chunk -> its payload's host copy
+
+    # --- the training step's interface (``myriad.train.step.GradSync``) ----------------------
+    @property
+    def world(self) -> int:
+        return self.comm.world
+
+    def finish_backward(self) -> None:
+        self.store.finish_backward()
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Global gradient L2 norm over all ranks' shards; scale gradients down to ``max_norm``."""
+        grads = [c.shard_S.grad for c in self.store.chunks if c.shard_S is not None]
+        sq = torch.zeros((), dtype=torch.float32, device=self.device)
+        for g in grads:
+            assert g is not None
+            sq += g.pow(2).sum().to(self.device)
+        total = self.comm.all_reduce(sq).sqrt()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            assert g is not None
+            g.mul_(coef.to(g.device))
+        return total
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self.comm.all_reduce(t.clone())
+
+    @torch.no_grad()
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every parameter whole, on the CPU, on every rank (a collective: all ranks call it).
+
+        For tests and small models; checkpoints use ``shards.save_shards`` instead.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for chunk in self.store.chunks:
+            self.store.gather(chunk)
+            assert chunk.full_C is not None
+            for slot in chunk.slots:
+                flat = chunk.full_C[slot.offset : slot.offset + slot.numel].clone()
+                rows = self.expert_rows.get(slot.param)
+                if rows is not None:  # this rank's experts: gather every rank's rows
+                    whole = flat.new_empty(slot.numel * self.comm.world)
+                    self.comm.all_gather(whole, flat)
+                    shape = (rows[1], *slot.shape[1:])
+                    out[slot.name] = whole.view(shape).cpu()
+                else:
+                    out[slot.name] = flat.view(slot.shape).cpu()
+            self.store.release(chunk)
+        return out
+
+    def report(self) -> dict[str, Any]:
+        chunks = self.store.chunks
+        return {
+            "chunks": len(chunks),
+            "chunk_numel": max((c.capacity for c in chunks), default=0),
+            "world": self.comm.world,
+            **self.manager.report(),
+        }
+
+    # --- building ----------------------------------------------------------------------------
+    def build_optimizer(
+        self, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float
+    ) -> ShardAdamW:
+        decay = [c.shard_S for c in self.store.chunks if c.decay]
+        no_decay = [c.shard_S for c in self.store.chunks if not c.decay]
+        groups = [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        optimizer = ShardAdamW(
+            groups,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            before_step=self._before_step,
+            after_step=self.manager.end_step,
+        )
+        self.optimizer = optimizer
+        return optimizer
+
+    def _before_step(self) -> None:
+        for chunk in self.store.chunks:
+            self.manager.touch(chunk.index)
+
+    def move_payload(self, cid: int, to_device: bool) -> None:
+        """Relocate chunk ``cid``'s shard, gradient and Adam moments to one tier.
+
+        The host copy is the payload's home and is kept (pinned on CUDA) while a device copy
+        serves: loading copies into fresh device memory, evicting copies back into the home,
+        so no host memory is allocated (or pinned, which is slow) per eviction.
+        """
+        chunk = self.store.chunks[cid]
+        assert chunk.shard_S is not None and chunk.shard_S.grad is not None
+        tensors = [chunk.shard_S, chunk.shard_S.grad]
+        opt = getattr(self, "optimizer", None)
+        state = opt.state[chunk.shard_S] if opt is not None else {}
+        tensors += [state[k] for k in ("exp_avg", "exp_avg_sq") if k in state]
+        home = self.host_home.get(cid)
+        if home is None or len(home) != len(tensors):
+            pin = self.device.type == "cuda"
+            home = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for t in tensors]
+            self.host_home[cid] = home
+        with torch.no_grad():
+            for t, h in zip(tensors, home, strict=True):
+                if to_device:
+                    if t.data.data_ptr() != h.data_ptr():  # first load, or state replaced
+                        h.copy_(t.data)
+                    t.data = h.to(self.device, copy=True, non_blocking=h.is_pinned())
+                else:
+                    h.copy_(t.data)  # blocking: the CPU optimizer may read it next
+                    t.data = h
+        if "step" in state:
+            state["step"] = state["step"].to(self.device if to_device else "cpu")
+
+
+def _ordered_params(model: nn.Module, order: list[nn.Module]) -> list[tuple[str, nn.Parameter]]:
+    """Named parameters in order of first use (then any never used), tied ones once."""
+    names = {p: n for n, p in model.named_parameters()}
+    seen: dict[nn.Parameter, str] = {}
+    for module in order:
+        for p in module.parameters(recurse=False):
+            if p in names and p not in seen:
+                seen[p] = names[p]
+    for p, n in names.items():
+        seen.setdefault(p, n)
+    return [(n, p) for p, n in seen.items() if p.requires_grad]
+
+
+def _split_experts(model: nn.Module, comm: Comm) -> dict[nn.Parameter, tuple[int, int]]:
+    """Keep only this rank's experts in every MoE layer and route through all-to-all."""
+    local: dict[nn.Parameter, tuple[int, int]] = {}
+    for module in model.modules():
+        if not isinstance(module, MoEFeedForward):
+            continue
+        E = module.cfg.num_experts
+        if E % comm.world:
+            raise UserError(
+                f"engine.expert_parallel: model.moe.num_experts ({E}) must be divisible by the "
+                f"number of processes ({comm.world})"
+            )
+        if module.cfg.capacity_factor > 0:
+            raise UserError("engine.expert_parallel needs dropless MoE: model.moe.capacity_factor")
+        per = E // comm.world
+        for attr in EXPERT_WEIGHTS:
+            full = getattr(module, attr)
+            part = full.detach()[comm.rank * per : (comm.rank + 1) * per].clone()
+            setattr(module, attr, nn.Parameter(part))
+            local[getattr(module, attr)] = (comm.rank * per, E)
+        module.expert_fn = ExpertParallel(comm, E)
+    return local
+
+
+def apply(
+    model: nn.Module,
+    cfg: EngineConfig,
+    *,
+    comm: Comm,
+    device: torch.device,
+    run_forward: Callable[[], Any],
+) -> Engine:
+    """Partition ``model`` (already on ``device``, identical on every rank) in place.
+
+    Args:
+        run_forward: runs one small forward of ``model``; traced once for the order of first use.
+    """
+    engine = Engine(model, cfg, comm, device)
+    for module in model.modules():
+        if isinstance(module, MoEFeedForward):
+            # The engine moves each gradient into its chunk at once; a cached per-layer gradient
+            # buffer would be a third copy of every expert gradient.
+            module.reuse_cpu_grad_buffers = False
+    local_experts = _split_experts(model, comm) if cfg.expert_parallel else {}
+    engine.expert_rows = local_experts
+    order = trace_first_use(model, run_forward)
+    named = _ordered_params(model, order)
+    chunk_numel = max(int(cfg.chunk_mb * MB) // 4, 1)
+    solo = Comm(0, 1, None, comm.timeout_s)  # experts already split: no one shares them
+    chunks: list[Chunk] = []
+    for params, group, decay in (
+        ([x for x in named if x[1] not in local_experts and x[1].dim() >= 2], comm, True),
+        ([x for x in named if x[1] not in local_experts and x[1].dim() < 2], comm, False),
+        ([x for x in named if x[1] in local_experts], solo, True),
+    ):
+        chunks += pack(params, chunk_numel, group, decay, first=len(chunks))
+    store = ChunkStore(chunks, device)
+    store.materialize()
+    for chunk in chunks:
+        assert chunk.shard_S is not None
+        chunk.shard_S = shard_param(chunk.shard_S)
+    payload = [16 * c.shard_numel + 4 for c in chunks]  # param, grad, 2 moments (fp32), step
+    budget = int(cfg.device_budget_mb * MB)
+    engine.manager = MemoryManager(device, budget, engine.move_payload, payload)
+    store.manager = engine.manager
+    engine.store = store
+    engine.manager.place_initial()
+    engine.hooks = Hooks(store, order)
+    engine.hooks.install()
+    return engine

@@ -1,0 +1,104 @@
+"""The FSDP2 backend: PyTorch's ``fully_shard`` applied to a ``MoETransformerLM`` from outside.
+
+Each Transformer block becomes one FSDP unit (its parameters all-gathered just before its forward
+and backward, resharded after), then the root takes what is left: the embedding (tied to the LM
+head), the final norm. ``CPUOffloadPolicy`` keeps the sharded parameters, gradients and hence the
+optimizer states in host memory; the optimizer step then runs on the CPU.
+
+Works on CPU with gloo as well as on CUDA with NCCL (tests/test_engine_fsdp2.py runs 2 gloo
+ranks). What a trainer needs besides ``apply_fsdp2``: build the optimizer *after* it (parameters
+become ``DTensor`` shards), clip with :func:`clip_grad_norm_` (the norm is a ``DTensor``), sum
+the routers' expert loads over ranks with :func:`all_reduce_expert_loads` before
+``update_router_biases`` (the selection biases are replicated and must move identically), and
+gather weights for a checkpoint with :func:`full_state_dict`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
+from torch.distributed.tensor import DTensor
+
+from myriad.model import MoETransformerLM
+
+
+def build_mesh() -> DeviceMesh:
+    """A 1-D data-parallel mesh over every rank of the initialised default process group.
+
+    The device type follows the backend: NCCL meshes live on CUDA, gloo meshes on the CPU.
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("build_mesh needs torch.distributed.init_process_group() first")
+    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    return init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=("dp",))
+
+
+def apply_fsdp2(
+    model: MoETransformerLM,
+    mesh: DeviceMesh,
+    *,
+    cpu_offload: bool = False,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = None,
+    reshard_after_forward: bool = True,
+) -> MoETransformerLM:
+    """Shard ``model`` in place across ``mesh``: per block, then the root; returns the model.
+
+    Args:
+        cpu_offload: keep sharded parameters and gradients in (pinned, when CUDA exists) host
+            memory; the optimizer built afterwards then steps on the CPU.
+        param_dtype: dtype the gathered parameters are computed in (e.g. ``torch.bfloat16``);
+            None keeps the stored dtype. The sharded master copy keeps the stored dtype.
+        reduce_dtype: dtype of the gradient reduce-scatter; None follows ``param_dtype``.
+        reshard_after_forward: free gathered parameters after each block's forward (ZeRO-3);
+            False keeps them until backward (ZeRO-2-like: more memory, one gather less).
+    """
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else None
+    policy = offload or OffloadPolicy()
+    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for block in model.blocks:
+        fully_shard(
+            block,
+            mesh=mesh,
+            reshard_after_forward=reshard_after_forward,
+            mp_policy=mp_policy,
+            offload_policy=policy,
+        )
+    # The root's parameters (embedding = LM head, final norm) are needed first in forward and
+    # last in backward: keeping them gathered after forward saves one all-gather.
+    fully_shard(
+        model, mesh=mesh, reshard_after_forward=False, mp_policy=mp_policy, offload_policy=policy
+    )
+    return model
+
+
+def clip_grad_norm_(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm of sharded parameters; returns the norm as a plain tensor."""
+    norm = nn.utils.clip_grad_norm_(parameters, max_norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def all_reduce_expert_loads(loads_E: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-MoE-layer token counts summed over all ranks (identical router-bias updates)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return loads_E
+    summed = [load.clone() for load in loads_E]
+    for load in summed:
+        dist.all_reduce(load)
+    return summed
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded weights on CPU in rank 0 (an empty dict elsewhere), for a checkpoint."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
+    return {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}

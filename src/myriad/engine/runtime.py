@@ -1,0 +1,205 @@
+"""The trainer's entry to the engines: join the process group, wrap the model, build the optimizer.
+
+``engine.kind`` picks the backend when the run's objects are built; the training step then sees
+only an optimizer and a :class:`myriad.train.step.GradSync`:
+
+* ``none``: the model as is, torch's AdamW; one process only.
+* ``myriad``: :func:`myriad.engine.engine.apply` (chunks, offload, expert parallelism).
+* ``fsdp2``: PyTorch ``fully_shard`` per block (``myriad.engine.fsdp2``), optionally offloaded.
+
+With ``torchrun`` (``WORLD_SIZE`` > 1) each process joins the group first; on CUDA it takes GPU
+``LOCAL_RANK``. The model's ``state_dict``/``load_state_dict`` keep working on a partitioned model
+(hooks gather the chunks around them), so the trainer's checkpoints hold whole weights.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from myriad.engine.comm import Comm, init_distributed, local_device
+from myriad.engine.config import EngineConfig
+from myriad.errors import UserError
+from myriad.train.config import TrainConfig
+
+T = TypeVar("T")
+
+
+@dataclass
+class Runtime:
+    """The process group and device one run trains on."""
+
+    cfg: EngineConfig
+    comm: Comm
+    device: torch.device
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    def stream_seed(self, seed: int) -> int:
+        """Each rank draws its own batches; rank 0 keeps the single-process stream."""
+        return seed + 1_000_003 * self.comm.rank
+
+
+def rank_dir(out_dir: Path) -> Path:
+    """Where this process writes: ``out_dir`` for rank 0 (or no torchrun), else
+    ``out_dir/rank-N``, so ranks never write the same file (data cache, metrics, trainer state)."""
+    rank = int(os.environ.get("RANK", "0"))
+    return out_dir if rank == 0 else out_dir / f"rank-{rank}"
+
+
+def rank0_first(fn: Callable[[Path], T], out_dir: Path, cfg: EngineConfig) -> T:
+    """``fn(out_dir)`` on rank 0, then ``fn(rank 0's directory)`` on the others (so they reuse,
+    e.g., rank 0's tokenizer and data cache instead of making their own). One process: just
+    ``fn(out_dir)``."""
+    comm = init_distributed(cfg.backend, cfg.timeout_s)
+    if not comm.active:
+        return fn(out_dir)
+    if comm.rank == 0:
+        result = fn(out_dir)
+        comm.barrier()
+        return result
+    comm.barrier()
+    return fn(out_dir.parent)
+
+
+def start(cfg: EngineConfig, device: torch.device) -> Runtime:
+    """Join the process group ``torchrun`` set up (if any) and pick this rank's device."""
+    cfg.validate()
+    comm = init_distributed(cfg.backend, cfg.timeout_s)
+    if comm.active and cfg.kind == "none":
+        raise UserError(
+            f"{comm.world} processes but engine.kind is 'none'; set engine.kind=myriad or fsdp2"
+        )
+    return Runtime(cfg, comm, local_device(comm, device))
+
+
+def wrap(
+    runtime: Runtime, model: nn.Module, train: TrainConfig, run_forward: Callable[[], Any]
+) -> tuple[torch.optim.Optimizer, Any]:
+    """Apply the chosen engine to ``model``; returns its optimizer and the step's ``GradSync``
+    (None for ``none``: the step's own local one)."""
+    kind = runtime.cfg.kind
+    betas = (train.beta1, train.beta2)
+    if kind == "myriad":
+        from myriad.engine.engine import apply
+
+        engine = apply(
+            model, runtime.cfg, comm=runtime.comm, device=runtime.device, run_forward=run_forward
+        )
+        optimizer = engine.build_optimizer(
+            lr=train.lr, betas=betas, eps=train.eps, weight_decay=train.weight_decay
+        )
+        install_state_dict_hooks(model, engine)
+        return optimizer, engine
+    from myriad.train.optim import build_optimizer
+
+    if kind == "fsdp2":
+        return _wrap_fsdp2(runtime, model, train)
+    return build_optimizer(model, train, runtime.device), None
+
+
+def _wrap_fsdp2(runtime: Runtime, model: nn.Module, train: TrainConfig):
+    import torch.distributed as dist
+
+    from myriad.engine import fsdp2
+    from myriad.train.optim import build_optimizer
+
+    if not dist.is_initialized():  # one process: FSDP2 still needs a (1-rank) group
+        raise UserError("engine.kind=fsdp2 needs torchrun (or a process group), even for 1 rank")
+    mesh = fsdp2.build_mesh()
+    fsdp2.apply_fsdp2(model, mesh, cpu_offload=runtime.cfg.cpu_offload)  # type: ignore[arg-type]
+    install_dtensor_state_dict_hooks(model)
+    opt_device = torch.device("cpu") if runtime.cfg.cpu_offload else runtime.device
+    return build_optimizer(model, train, opt_device), FSDP2Sync(runtime.comm, model)
+
+
+class FSDP2Sync:
+    """``GradSync`` for FSDP2: its hooks reduce gradients; the norm is a DTensor's."""
+
+    def __init__(self, comm: Comm, model: nn.Module) -> None:
+        self.comm, self.world = comm, comm.world
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def finish_backward(self) -> None:
+        pass
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        from myriad.engine import fsdp2
+
+        return fsdp2.clip_grad_norm_(self.params, max_norm)
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self.comm.all_reduce(t.clone())
+
+
+def install_state_dict_hooks(model: nn.Module, engine: Any) -> None:
+    """``state_dict`` returns whole tensors (gathered; experts from every rank); ``load_state_dict``
+    gathers the chunks, lets torch copy into them, and keeps this rank's slices.
+
+    Both are collectives (every rank calls them together, as the trainer's checkpoints do) and
+    hold the whole model in memory for a moment: the path for small and medium models; large
+    ones use ``myriad.engine.shards``.
+    """
+    aliases = dict(model.named_parameters(remove_duplicate=False))
+    canonical = {p: n for n, p in model.named_parameters()}
+
+    def after_state_dict(module, state_dict, prefix, local_metadata):  # noqa: ARG001
+        full = engine.full_state_dict()
+        for name, p in aliases.items():
+            state_dict[prefix + name] = full[canonical[p]]
+
+    def before_load(module, state_dict, prefix, *args):  # noqa: ARG001
+        for chunk in engine.store.chunks:
+            engine.store.gather(chunk)
+        for p, rows in engine.expert_rows.items():  # keep this rank's experts' rows only
+            key = prefix + canonical[p]
+            if key in state_dict:
+                state_dict[key] = state_dict[key][rows[0] : rows[0] + p.shape[0]]
+
+    def after_load(module, incompatible):  # noqa: ARG001
+        with torch.no_grad():
+            for chunk in engine.store.chunks:
+                lo, hi = chunk.shard_range()
+                chunk.shard_S.data.copy_(chunk.full_C[lo:hi].to(chunk.shard_S.device))
+                engine.store.release(chunk)
+
+    model.register_state_dict_post_hook(after_state_dict)
+    model.register_load_state_dict_pre_hook(before_load)
+    model.register_load_state_dict_post_hook(after_load)
+
+
+def install_dtensor_state_dict_hooks(model: nn.Module) -> None:
+    """FSDP2: ``state_dict`` gives whole tensors (``full_tensor``, a collective) and
+    ``load_state_dict`` takes them (each rank keeps its shard), so the trainer's checkpoints are
+    the same consolidated files as without an engine."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+
+    def after_state_dict(module, state_dict, prefix, local_metadata):  # noqa: ARG001
+        done: dict[int, torch.Tensor] = {}
+        for name, p in params.items():
+            key = prefix + name
+            if isinstance(p, DTensor) and key in state_dict:
+                if id(p) not in done:
+                    done[id(p)] = p.full_tensor().detach().cpu()
+                state_dict[key] = done[id(p)]
+
+    def before_load(module, state_dict, prefix, *args):  # noqa: ARG001
+        for name, p in params.items():
+            key = prefix + name
+            value = state_dict.get(key)
+            if isinstance(p, DTensor) and value is not None and not isinstance(value, DTensor):
+                full = value.to(p.device_mesh.device_type, p.dtype)
+                state_dict[key] = distribute_tensor(full, p.device_mesh, p.placements)
+
+    model.register_state_dict_post_hook(after_state_dict)
+    model.register_load_state_dict_pre_hook(before_load)

@@ -1,0 +1,242 @@
+"""Sharded checkpoints: each rank writes its own payloads; export and resharding stream them.
+
+A rank writes ``engine-rank{R}-of-{W}.safetensors`` (its parameter shards and Adam moments, one
+entry per chunk) and ``engine-rank{R}-of-{W}.json`` (the layout: which parameter sits where in
+which chunk, and which rows of each expert tensor this rank holds), each atomically (temporary
+file, fsync, rename, fsync of the directory), so a crash leaves the previous files intact.
+
+Reading goes through :class:`ShardReader`, which assembles one full tensor at a time from the
+slices of the rank files that hold it (safetensors reads slices without loading whole files).
+So ``export`` writes a consolidated safetensors file parameter by parameter, never holding the
+whole model, and ``load_shards`` fills an engine of any world size from a checkpoint written by
+another one (resharding).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from myriad.engine.engine import Engine
+from myriad.errors import UserError
+
+KINDS = ("param", "exp_avg", "exp_avg_sq")
+_RANK_FILE = re.compile(r"^engine-rank(\d+)-of-(\d+)\.json$")
+
+
+def _stem(rank: int, world: int) -> str:
+    return f"engine-rank{rank:05d}-of-{world:05d}"
+
+
+def _atomic(path: Path, write: Callable[[Path], object]) -> None:
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    try:
+        write(tmp)
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _layout(engine: Engine) -> dict[str, Any]:
+    chunks = []
+    for chunk in engine.store.chunks:
+        slots = []
+        for slot in chunk.slots:
+            rows = engine.expert_rows.get(slot.param)
+            slots.append(
+                {
+                    "name": slot.name,
+                    "offset": slot.offset,
+                    "numel": slot.numel,
+                    "shape": list(slot.shape),
+                    "rows": list(rows) if rows else None,  # [first row, rows in full tensor]
+                }
+            )
+        chunks.append(
+            {
+                "index": chunk.index,
+                "world": chunk.comm.world,
+                "rank": chunk.comm.rank,
+                "capacity": chunk.capacity,
+                "slots": slots,
+            }
+        )
+    return {"world": engine.comm.world, "rank": engine.comm.rank, "chunks": chunks}
+
+
+def save_shards(engine: Engine, directory: Path) -> Path:
+    """Write this rank's shards and layout into ``directory``; returns the layout file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    state = engine.optimizer.state if hasattr(engine, "optimizer") else {}
+    for chunk in engine.store.chunks:
+        assert chunk.shard_S is not None
+        tensors[f"{chunk.index}.param"] = chunk.shard_S.detach().cpu()
+        st = state.get(chunk.shard_S, {})
+        for kind in ("exp_avg", "exp_avg_sq", "step"):
+            if kind in st:
+                tensors[f"{chunk.index}.{kind}"] = st[kind].detach().cpu().reshape(-1)
+    for name, buf in engine.model.state_dict().items():
+        if name not in engine.param_names and torch.is_tensor(buf):  # persistent buffers
+            tensors[f"buffer.{name}"] = buf.detach().cpu().clone()
+    stem = _stem(engine.comm.rank, engine.comm.world)
+    _atomic(directory / f"{stem}.safetensors", lambda p: save_file(tensors, str(p)))
+    layout = json.dumps(_layout(engine), indent=1) + "\n"
+    _atomic(directory / f"{stem}.json", lambda p: p.write_text(layout, encoding="utf-8"))
+    return directory / f"{stem}.json"
+
+
+class ShardReader:
+    """Full tensors by parameter name, assembled from every rank's shard files."""
+
+    def __init__(self, directory: Path) -> None:
+        found = sorted(
+            (int(m.group(1)), int(m.group(2)), p)
+            for p in directory.glob("engine-rank*.json")
+            if (m := _RANK_FILE.match(p.name))
+        )
+        worlds = {w for _, w, _ in found}
+        if not found or len(worlds) != 1 or len(found) != next(iter(worlds)):
+            raise UserError(f"{directory}: no complete set of engine shard files")
+        self.world = found[0][1]
+        self.layouts = [json.loads(p.read_text(encoding="utf-8")) for _, _, p in found]
+        self.files = [p.with_suffix(".safetensors") for _, _, p in found]
+        # name -> [(rank, chunk layout, slot)] in rank order
+        self.pieces: dict[str, list[tuple[int, dict, dict]]] = {}
+        for rank, layout in enumerate(self.layouts):
+            for chunk in layout["chunks"]:
+                for slot in chunk["slots"]:
+                    shared = chunk["world"] > 1
+                    if shared and rank > 0:
+                        continue  # a shared chunk's layout is the same on every rank
+                    self.pieces.setdefault(slot["name"], []).append((rank, chunk, slot))
+        self._handles = [safe_open(str(f), framework="pt") for f in self.files]
+
+    def names(self) -> list[str]:
+        return list(self.pieces)
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """Persistent buffers (replicated: every rank holds the same), from rank 0's file."""
+        h = self._handles[0]
+        keys = [k for k in h.keys() if k.startswith("buffer.")]  # noqa: SIM118
+        return {k[len("buffer.") :]: h.get_tensor(k) for k in keys}
+
+    def shape(self, name: str) -> list[int]:
+        slot = self.pieces[name][0][2]
+        shape = list(slot["shape"])
+        if slot["rows"]:
+            shape[0] = slot["rows"][1]
+        return shape
+
+    def _flat(self, rank: int, chunk: dict, slot: dict, kind: str) -> torch.Tensor:
+        """One slot's flat values, read from the shards of the ranks that own its range."""
+        if chunk["world"] == 1:
+            key, f = f"{chunk['index']}.{kind}", self._handles[rank]
+            return f.get_slice(key)[slot["offset"] : slot["offset"] + slot["numel"]]
+        shard = chunk["capacity"] // chunk["world"]
+        start, end = slot["offset"], slot["offset"] + slot["numel"]
+        parts = []
+        for r in range(start // shard, (end - 1) // shard + 1):
+            lo, hi = max(start, r * shard) - r * shard, min(end, (r + 1) * shard) - r * shard
+            parts.append(self._handles[r].get_slice(f"{chunk['index']}.{kind}")[lo:hi])
+        return torch.cat(parts)
+
+    def full(self, name: str, kind: str = "param") -> torch.Tensor:
+        """The whole tensor ``name`` (``kind``: param, exp_avg or exp_avg_sq)."""
+        pieces = [
+            self._flat(rank, chunk, slot, kind).view(slot["shape"])
+            for rank, chunk, slot in self.pieces[name]
+        ]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def step(self) -> float:
+        for handle in self._handles:
+            for key in handle.keys():  # noqa: SIM118
+                if key.endswith(".step"):
+                    return float(handle.get_tensor(key)[0])
+        return 0.0
+
+    def has_moments(self) -> bool:
+        return any(k.endswith(".exp_avg") for k in self._handles[0].keys())  # noqa: SIM118
+
+
+@torch.no_grad()
+def load_shards(engine: Engine, directory: Path) -> None:
+    """Fill ``engine``'s shards (and moments) from a checkpoint of any world size."""
+    reader = ShardReader(directory)
+    state = engine.optimizer.state if hasattr(engine, "optimizer") else {}
+    kinds = KINDS if reader.has_moments() and state else ("param",)
+    step = reader.step()
+    for name, value in reader.buffers().items():
+        engine.model.get_buffer(name).copy_(value)
+    for chunk in engine.store.chunks:
+        assert chunk.shard_S is not None
+        lo, hi = chunk.shard_range()
+        targets = {"param": chunk.shard_S.data}
+        if "exp_avg" in kinds:
+            targets.update({k: state[chunk.shard_S][k] for k in KINDS[1:]})
+            state[chunk.shard_S]["step"].fill_(step)
+        for slot in chunk.slots:
+            start, end = max(lo, slot.offset), min(hi, slot.offset + slot.numel)
+            if start >= end:
+                continue
+            rows = engine.expert_rows.get(slot.param)
+            for kind, target in targets.items():
+                full = reader.full(slot.name, kind)
+                if rows:
+                    full = full[rows[0] : rows[0] + slot.shape[0]]
+                flat = full.reshape(-1)[start - slot.offset : end - slot.offset]
+                target[start - lo : end - lo].copy_(flat)
+
+
+def export(directory: Path, out: Path) -> Path:
+    """Consolidate a sharded checkpoint into one safetensors file, one tensor at a time."""
+    reader = ShardReader(directory)
+    names = reader.names()
+    buffers = reader.buffers()
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in names + list(buffers):
+        shape = reader.shape(name) if name in reader.pieces else list(buffers[name].shape)
+        nbytes = math.prod(shape) * 4
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+
+    def write(path: Path) -> None:
+        with path.open("wb") as f:
+            f.write(len(head).to_bytes(8, "little"))
+            f.write(head)
+            for tensor in _stream(reader, names):
+                f.write(tensor.contiguous().numpy().tobytes())
+            for tensor in buffers.values():
+                f.write(tensor.float().contiguous().numpy().tobytes())
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _atomic(out, write)
+    return out
+
+
+def _stream(reader: ShardReader, names: list[str]) -> Iterator[torch.Tensor]:
+    for name in names:
+        t = reader.full(name)
+        if t.dtype != torch.float32:
+            raise UserError(f"export: {name} is {t.dtype}; only fp32 shards are supported")
+        yield t

@@ -1,0 +1,128 @@
+"""Shared helpers for the engine tests (this module holds no tests): spawning gloo ranks, the
+tiny model, and one training run either through the engine or as the single-process reference.
+
+The reference for N ranks is one process taking, at every step, the N ranks' batches as N
+micro-batches: gradient accumulation averages them exactly as the engine's reduce-scatter does.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from test_train_support import counting_batch, tiny_config
+
+from myriad.engine.comm import Comm
+from myriad.engine.config import EngineConfig
+from myriad.engine.engine import Engine, apply
+from myriad.model import MoETransformerLM
+from myriad.train.device import autocast_factory
+from myriad.train.optim import build_optimizer, build_scheduler
+from myriad.train.step import TrainStep
+
+CPU = torch.device("cpu")
+BATCH = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn: Any, world: int, *args: Any) -> None:
+    """Run ``fn(rank, world, port, *args)`` in ``world`` fresh processes; raises if one fails."""
+    mp.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=True)
+
+
+def init_rank(rank: int, world: int, port: int, timeout_s: float = 30.0) -> Comm:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=__import__("datetime").timedelta(seconds=timeout_s),
+    )
+    return Comm(rank, world, None, timeout_s)
+
+
+def run_config():
+    return tiny_config(steps=4, batch_size=BATCH, warmup_steps=1)
+
+
+def build_model(cfg: Any) -> MoETransformerLM:
+    torch.manual_seed(0)
+    return MoETransformerLM(cfg.model)
+
+
+def make_step(model: MoETransformerLM, cfg: Any, engine: Engine | None) -> TrainStep:
+    t = cfg.train
+    if engine is None:
+        optimizer = build_optimizer(model, t, CPU)
+    else:
+        betas = (t.beta1, t.beta2)
+        optimizer = engine.build_optimizer(
+            lr=t.lr, betas=betas, eps=t.eps, weight_decay=t.weight_decay
+        )
+    return TrainStep(
+        model,
+        optimizer,
+        build_scheduler(optimizer, t),
+        grad_clip=t.grad_clip,
+        autocast=autocast_factory("fp32", CPU),
+        device=CPU,
+        sync=engine,
+    )
+
+
+def batches(step: int, world: int) -> list[dict[str, torch.Tensor]]:
+    return [counting_batch(BATCH, seed=7, index=step * world + r) for r in range(world)]
+
+
+def reference_losses(cfg: Any, world: int, steps: int) -> list[float]:
+    model = build_model(cfg)
+    step_fn = make_step(model, cfg, None)
+    return [step_fn(batches(s, world)).loss for s in range(steps)]
+
+
+def apply_engine(model: MoETransformerLM, comm: Comm, **kw: Any) -> Engine:
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    return apply(
+        model,
+        EngineConfig(kind="myriad", **kw),
+        comm=comm,
+        device=CPU,
+        run_forward=lambda: model(ids),
+    )
+
+
+def engine_worker(rank: int, world: int, port: int, out: str, modes: dict, steps: int) -> None:
+    """One rank running every mode in turn (one process group, so one spawn for all); each
+    mode's losses, per-step evictions and manager report go into ``out/rank{rank}.pt``."""
+    comm = init_rank(rank, world, port)
+    results = {}
+    for name, engine_kw in modes.items():
+        cfg = run_config()
+        model = build_model(cfg)
+        engine = apply_engine(model, comm, **engine_kw)
+        step_fn = make_step(model, cfg, engine)
+        losses, evictions = [], []
+        for s in range(steps):
+            before = engine.manager.evictions
+            losses.append(step_fn([batches(s, world)[rank]]).loss)
+            evictions.append(engine.manager.evictions - before)
+        results[name] = {"losses": losses, "evictions": evictions, "report": engine.report()}
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def run_engine(tmp_path: Path, world: int, steps: int, modes: dict) -> list[dict]:
+    spawn(engine_worker, world, str(tmp_path), modes, steps)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]

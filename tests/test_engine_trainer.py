@@ -1,0 +1,107 @@
+"""The trainer with ``engine.kind = "myriad"``: same losses and weights as ``none``, and resume."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from test_train_support import tiny_config, use_fake_data
+
+from myriad.engine.config import EngineConfig
+from myriad.train import load_model_from_checkpoint, run_pretrain
+from myriad.train.metrics import read_metrics
+
+ENGINE = EngineConfig(kind="myriad", chunk_mb=0.02, device_budget_mb=0.5)
+
+
+def _quiet(_line):
+    pass
+
+
+def _config(engine: EngineConfig | None = None):
+    cfg = tiny_config(steps=6, eval_every=3, checkpoint_every=3)
+    return dataclasses.replace(cfg, engine=engine or EngineConfig())
+
+
+def _losses(path, kind="train", key="loss"):
+    return [r[key] for r in read_metrics(path) if r["kind"] == kind]
+
+
+def test_myriad_engine_matches_no_engine(tmp_path, monkeypatch):
+    use_fake_data(monkeypatch)
+    plain = run_pretrain(_config(), tmp_path / "none", log=_quiet)
+    chunked = run_pretrain(_config(ENGINE), tmp_path / "myriad", log=_quiet)
+    assert _losses(chunked.metrics_path) == pytest.approx(_losses(plain.metrics_path), rel=1e-5)
+    held = _losses(chunked.metrics_path, "heldout", "heldout_loss")
+    assert held == pytest.approx(_losses(plain.metrics_path, "heldout", "heldout_loss"), rel=1e-5)
+    a, _ = load_model_from_checkpoint(plain.checkpoint)
+    b, _ = load_model_from_checkpoint(chunked.checkpoint)  # whole weights, loadable without engine
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_myriad_engine_resume_is_exact(tmp_path, monkeypatch):
+    use_fake_data(monkeypatch)
+    full = run_pretrain(_config(ENGINE), tmp_path / "full", log=_quiet)
+    use_fake_data(monkeypatch, fail_at=4)  # stops during step 5, after the step-3 checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        run_pretrain(_config(ENGINE), tmp_path / "cut", log=_quiet)
+    use_fake_data(monkeypatch)
+    resumed = run_pretrain(_config(ENGINE), tmp_path / "cut", resume=True, log=_quiet)
+    assert _losses(resumed.metrics_path) == _losses(full.metrics_path)
+
+
+def _pretrain_rank(rank: int, world: int, port: int, out: str, kind: str) -> None:
+    """One ``torchrun``-style rank: the environment torchrun sets, then ``run_pretrain``."""
+    import os
+
+    from test_train_support import FakePrepared
+
+    import myriad.data
+
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    myriad.data.prepare_data = lambda cfg, **kw: FakePrepared(kw["out_dir"])  # type: ignore
+    engine = dataclasses.replace(ENGINE, device_budget_mb=0.35, expert_parallel=True)
+    if kind == "fsdp2":
+        engine = EngineConfig(kind="fsdp2")
+    run_pretrain(_config(engine), tmp_path_of(out), log=_quiet)
+
+
+def tmp_path_of(out: str):
+    from pathlib import Path
+
+    return Path(out) / "run"
+
+
+@pytest.mark.parametrize("kind", ["myriad", "fsdp2"])
+def test_two_ranks_through_run_pretrain(tmp_path, kind):
+    """Rank 0 logs the rank-mean losses of the reference that takes both ranks' streams as two
+    micro-batches; both ranks' checkpoints hold the same whole weights. ``myriad`` runs with
+    partitioning, expert parallelism and offload together; ``fsdp2`` is PyTorch's."""
+    from test_engine_support import make_step, spawn
+    from test_train_support import counting_batch
+
+    from myriad.model import MoETransformerLM
+
+    spawn(_pretrain_rank, 2, str(tmp_path), kind)
+    run = tmp_path / "run"
+    cfg = _config()
+    torch.manual_seed(cfg.train.seed)
+    model = MoETransformerLM(cfg.model)
+    step_fn = make_step(model, cfg, None)
+    b, seeds = cfg.train.batch_size, (cfg.train.seed, cfg.train.seed + 1_000_003)
+    ref = [step_fn([counting_batch(b, s, i) for s in seeds]).loss for i in range(6)]
+    assert _losses(run / "metrics.jsonl") == pytest.approx(ref, rel=1e-5)
+    assert _losses(run / "rank-1" / "metrics.jsonl") == _losses(run / "metrics.jsonl")
+    a, _ = load_model_from_checkpoint(run)
+    c, _ = load_model_from_checkpoint(run / "rank-1")
+    for (name, pa), (_, pc) in zip(a.state_dict().items(), c.state_dict().items(), strict=True):
+        assert torch.equal(pa, pc), name

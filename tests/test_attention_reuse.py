@@ -234,31 +234,12 @@ def test_bad_reuse_settings_name_the_key(reuse, message):
     assert message in str(info.value)
 
 
-def test_shipped_attnreuse_recipe_trains(tmp_path):
+def test_shipped_attnreuse_recipe_trains(tmp_path, shrink_shipped_recipe):
     from myriad.config import load_recipe
     from myriad.train import run_pretrain
     from myriad.train.metrics import read_metrics
 
-    cfg = load_recipe(
-        "tiny-zh-attnreuse",
-        [
-            "model.vocab_size=400",
-            "model.d_model=32",
-            "model.d_ff=64",
-            "model.moe.d_expert=32",
-            "data.seq_len=16",
-            "data.max_documents=60",
-            "data.heldout_fraction=0.1",
-            "train.steps=16",
-            "train.warmup_steps=2",  # the recipe warms up over 60 steps: this run has 16
-            "train.lr=3e-3",  # so that 16 steps move the held-out loss clearly
-            "train.batch_size=4",
-            "train.eval_every=8",
-            "train.eval_batches=2",
-            "train.checkpoint_every=0",
-            "train.device='cpu'",
-        ],
-    )
+    cfg = load_recipe("tiny-zh-attnreuse", shrink_shipped_recipe)
     assert cfg.model.attn_reuse == AttnReuseConfig(every=2, recompute_prob=0.25)
     result = run_pretrain(cfg, tmp_path / "run", log=lambda _: None)
     heldout = [r for r in read_metrics(result.metrics_path) if r["kind"] == "heldout"]

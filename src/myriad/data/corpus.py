@@ -24,7 +24,7 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from myriad.data.config import DataConfig
 from myriad.data.pku import ZH_NEWS, iter_word_lists, zh_news_path
@@ -177,15 +177,20 @@ def _read_text(path: Path) -> Iterator[str]:
                 yield text
 
 
+def iter_json_lines(path: Path, handle: Iterable[str]) -> Iterator[tuple[int, Any]]:
+    """``(line number, decoded value)`` per non-blank line; bad JSON is a ``file:line`` error."""
+    for lineno, line in enumerate(handle, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+
+
 def _read_jsonl(path: Path, field: str) -> Iterator[str]:
     with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        for lineno, record in iter_json_lines(path, handle):
             if not isinstance(record, dict) or field not in record:
                 raise UserError(
                     f"{path}:{lineno}: no field {field!r} in this JSON line (see data.text_field)"

@@ -14,12 +14,12 @@ own baselines do (the count is reported).
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from myriad.data.corpus import iter_json_lines
 from myriad.errors import UserError
 
 NO_GOLD = "-"  # OCNLI / CMNLI: annotators did not agree; no gold label
@@ -211,13 +211,7 @@ def _records(path: Path, reader: str) -> list[tuple[int, dict[str, Any]]]:
             for row in table:
                 rows.append((table.line_num, dict(row)))
         else:
-            for lineno, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            for lineno, record in iter_json_lines(path, handle):
                 if not isinstance(record, dict):
                     raise UserError(f"{path}:{lineno}: expected a JSON object")
                 rows.append((lineno, record))

@@ -8,6 +8,9 @@ The floor of a shape is the larger of
     ((bytes read + bytes written) / time).
 "fraction of floor" = floor / time (1.0 = at the floor). FLOP/s counts only the experts' useful
 work, 6 x T*K x 3 x D x F for forward+backward (router, padding and permutations not counted).
+The row "dense-ffn + router" adds the router's fp32 D -> E linear (forward+backward, timed in the
+same run) to the dense FFN: compute every MoE layer with a trained router must do but the floor
+leaves out, so its fraction of the floor is the most such a layer can reach at that shape.
 
 Routing is near-uniform (small router weights, as after load balancing) and identical for every
 implementation: the HF block gets copies of Myriad's weights.
@@ -46,6 +49,7 @@ SHAPES = {  # (T, D, F, E, K)
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 Step = Callable[[], object]
+ROUTER = "router (fp32 linear D->E)"
 HF_EAGER_MAX_EXPERTS_CUDA = 256  # beyond this, HF's eager loop is skipped on GPU (see row note)
 
 
@@ -174,6 +178,10 @@ def bench_shape(shape, timer: Timer, device, dtype) -> list[dict]:
         )
     }
     steps["copy"] = (partial(dst.copy_, src), None)  # bandwidth, under the same load
+    # The router's fp32 matmul is in every MoE layer but not in the floor; dense + router is the
+    # compute any layer with a trained router must do at this shape.
+    router = torch.nn.Linear(D, E, bias=False).to(device=device)
+    steps[ROUTER] = fwd_bwd(router, lambda v: router(v.float()), x, randn(T, E).float())
     notes: dict[str, str] = {}
     failed: dict[str, str] = {}
 
@@ -207,6 +215,8 @@ def bench_shape(shape, timer: Timer, device, dtype) -> list[dict]:
     rows = [_row("dense-ffn (equal FLOPs)", name, dense_s, flops, floor, "floor term 1")]
     note = f"floor term 2: 3 x {weight_bytes / 1e6:.0f} MB / {bandwidth / 1e9:.0f} GB/s"
     rows.append(_row("weight traffic 3W/BW", name, traffic_s, flops, floor, note))
+    note = f"router alone {results[ROUTER][0] * 1e3:.2f} ms, not in the floor"
+    rows.append(_row("dense-ffn + router", name, dense_s + results[ROUTER][0], flops, floor, note))
     order = ["myriad", "myriad-grouped", "myriad-padded", "myriad-chunked"]
     order += ["hf-mixtral-grouped_mm", "hf-mixtral-eager"]
     for impl in order:

@@ -62,7 +62,7 @@ def test_layout_and_latest_pointer(saved):
     assert read_checkpoint_info(step_dir / "model.safetensors")["path"] == str(step_dir)
 
 
-@pytest.mark.parametrize("victim", ["_write_state", "_write_json"])
+@pytest.mark.parametrize("victim", ["_write_state", "write_json"])
 def test_crash_mid_save_keeps_previous_checkpoint(saved, monkeypatch, victim):
     cfg, model, root, step1 = saved
     before = (step1 / "model.safetensors").read_bytes()
@@ -92,7 +92,7 @@ def test_interrupt_between_rename_and_pointer_and_stale_temps(saved, monkeypatch
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint, "_write_latest", killed)
+    monkeypatch.setattr(checkpoint, "write_latest", killed)
     with pytest.raises(KeyboardInterrupt):
         _save(root, 2, model, cfg)
     # The new directory is complete (renamed) but `latest` still names the old one.

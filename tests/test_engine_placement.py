@@ -30,6 +30,8 @@ def test_unlimited_budget_keeps_everything_on_device():
     moves: list = []
     m = _manager(0, moves)
     assert moves == [] and m.used == 400  # made on the device: no copies
+    m.alloc(10**6)  # no budget: anything fits
+    m.free(10**6)
     _step(m, 10**9)
     assert m.evictions == 0 and len(m.resident) == 4
 
@@ -43,13 +45,14 @@ def test_belady_after_warm_up():
     assert m.peak <= 250 and m.evictions > 0
     # Steady state: set a known residency and position, then check each decision.
     m.resident = {0: 0, 3: 0}
-    m.used, m.pos = 200, 3  # next uses: 3 at position 3 (distance 0), 0 at position 6 (3)
+    m.payload_used, m.pos = 200, 3  # next uses: 3 at position 3 (distance 0), 0 at 6 (3)
     m.alloc(100)  # a gathered chunk needs room: evict the payload needed furthest ahead (0)
     assert list(m.resident) == [3] and moves[-1] == (0, False) and m.used == 200
+    m.free(100)
     # Touching a payload whose next use is later than every resident's does not load it.
-    m.resident, m.used, m.pos = {1: 0, 2: 0}, 200, 1  # 1 next at 1 (0), 2 next at 2 (1)
+    m.resident, m.payload_used, m.pos = {1: 0, 2: 0}, 200, 1  # 1 next at 1 (0), 2 at 2 (1)
     m.touch(0)  # pos becomes 2; 0 next at 6 (distance 4) is later than 1 (3) and 2 (0): host
-    assert set(m.resident) == {1, 2}
+    assert set(m.resident) == {1, 2} and m.counts["host_accesses"] == 1
 
 
 def test_budget_too_small_for_chunks_in_use():

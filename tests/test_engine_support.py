@@ -107,20 +107,35 @@ def engine_worker(rank: int, world: int, port: int, out: str, modes: dict, steps
     """One rank running every mode in turn (one process group, so one spawn for all); each
     mode's losses, per-step evictions and manager report go into ``out/rank{rank}.pt``."""
     comm = init_rank(rank, world, port)
-    results = {}
-    for name, engine_kw in modes.items():
-        cfg = run_config()
-        model = build_model(cfg)
-        engine = apply_engine(model, comm, **engine_kw)
-        step_fn = make_step(model, cfg, engine)
-        losses, evictions = [], []
-        for s in range(steps):
-            before = engine.manager.evictions
-            losses.append(step_fn([batches(s, world)[rank]]).loss)
-            evictions.append(engine.manager.evictions - before)
-        results[name] = {"losses": losses, "evictions": evictions, "report": engine.report()}
+    results = {name: train_mode(comm, steps, **kw)[1] for name, kw in modes.items()}
     torch.save(results, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def train_mode(comm: Comm, steps: int, **engine_kw: Any) -> tuple[Engine, dict]:
+    """``steps`` steps of the test model through the engine on this rank's batches: the engine,
+    and the losses, per-step evictions and manager report."""
+    cfg = run_config()
+    model = build_model(cfg)
+    engine = apply_engine(model, comm, **engine_kw)
+    step_fn = make_step(model, cfg, engine)
+    losses, evictions = [], []
+    for s in range(steps):
+        before = engine.manager.evictions
+        losses.append(step_fn([batches(s, comm.world)[comm.rank]]).loss)
+        evictions.append(engine.manager.evictions - before)
+    return engine, {"losses": losses, "evictions": evictions, "report": engine.report()}
+
+
+def torchrun_env(rank: int, world: int, port: int) -> None:
+    """The environment ``torchrun`` gives a rank (for tests that go through ``run_pretrain``)."""
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
 
 
 def run_engine(tmp_path: Path, world: int, steps: int, modes: dict) -> list[dict]:

@@ -54,19 +54,12 @@ def test_myriad_engine_resume_is_exact(tmp_path, monkeypatch):
 
 def _pretrain_rank(rank: int, world: int, port: int, out: str, kind: str) -> None:
     """One ``torchrun``-style rank: the environment torchrun sets, then ``run_pretrain``."""
-    import os
-
+    from test_engine_support import torchrun_env
     from test_train_support import FakePrepared
 
     import myriad.data
 
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    torchrun_env(rank, world, port)
     torch.set_num_threads(1)
     myriad.data.prepare_data = lambda cfg, **kw: FakePrepared(kw["out_dir"])  # type: ignore
     engine = dataclasses.replace(ENGINE, device_budget_mb=0.35, expert_parallel=True)
@@ -84,7 +77,8 @@ def tmp_path_of(out: str):
 @pytest.mark.parametrize("kind", ["myriad", "fsdp2"])
 def test_two_ranks_through_run_pretrain(tmp_path, kind):
     """Rank 0 logs the rank-mean losses of the reference that takes both ranks' streams as two
-    micro-batches; both ranks' checkpoints hold the same whole weights. ``myriad`` runs with
+    micro-batches; ``fsdp2``: both ranks' checkpoints hold the same whole weights (``myriad``
+    writes one sharded checkpoint: ``test_engine_trainer_shards.py``). ``myriad`` runs with
     partitioning, expert parallelism and offload together; ``fsdp2`` is PyTorch's."""
     from test_engine_support import make_step, spawn
     from test_train_support import counting_batch
@@ -102,6 +96,9 @@ def test_two_ranks_through_run_pretrain(tmp_path, kind):
     assert _losses(run / "metrics.jsonl") == pytest.approx(ref, rel=1e-5)
     assert _losses(run / "rank-1" / "metrics.jsonl") == _losses(run / "metrics.jsonl")
     a, _ = load_model_from_checkpoint(run)
+    if kind == "myriad":  # one sharded checkpoint, both ranks' parts: test_engine_trainer_shards
+        assert not (run / "rank-1" / "checkpoints").exists()
+        return
     c, _ = load_model_from_checkpoint(run / "rank-1")
     for (name, pa), (_, pc) in zip(a.state_dict().items(), c.state_dict().items(), strict=True):
         assert torch.equal(pa, pc), name

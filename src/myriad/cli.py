@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune_args(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
     export = sub.add_parser("export", help="consolidate engine shard files into one safetensors")
-    export.add_argument("shards", help="directory holding engine-rank*-of-*.safetensors/.json")
+    export.add_argument(
+        "shards", help="engine-rank*-of-* shard directory, or a run whose latest step holds them"
+    )
     export.add_argument("--out", required=True, help="the safetensors file to write")
     export.set_defaults(func=cmd_export)
     return parser
@@ -153,8 +155,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from myriad.engine.shards import export
+    from myriad.train.checkpoint import resolve_checkpoint
 
-    print(f"wrote {export(Path(args.shards), Path(args.out))}")
+    shards = Path(args.shards)
+    if not any(shards.glob("engine-rank*-of-*.json")):  # a run or checkpoints dir: latest step
+        shards = resolve_checkpoint(shards)
+    print(f"wrote {export(shards, Path(args.out))}")
     return 0
 
 

@@ -8,8 +8,10 @@ tensors autograd saved for backward, stay valid across release and re-gather bec
 storage object itself is kept; this is how PyTorch's FSDP1 freed parameters too.
 
 What each rank keeps for good is the chunk's *payload*: its shard of the parameters (the fp32
-master copy), of the gradients, and the Adam moments. Payload tensors are fixed objects whose
-``.data`` moves between the device and the host tier, so the optimizer keys on them unchanged.
+master copy), of the gradients (in ``reduce`` dtype, see ``precision``), and the Adam moments.
+The full buffer and the parameter views are in ``param`` dtype (fp32 unless mixed precision).
+Payload tensors are fixed objects whose ``.data`` moves between the device and the host tier,
+so the optimizer keys on them unchanged.
 
 Shape legend: C chunk capacity (elements), S = C / world shard elements.
 """
@@ -22,7 +24,9 @@ import torch
 from torch import nn
 
 from myriad.engine.comm import Comm
+from myriad.engine.optim import shard_param
 from myriad.engine.placement import MemoryManager
+from myriad.engine.precision import MASTER, Precision
 
 
 @dataclass
@@ -48,6 +52,7 @@ class Chunk:
     full_C: torch.Tensor | None = None  # storage present only while gathered
     grad_C: torch.Tensor | None = None  # full gradient, only during this chunk's backward
     shard_S: torch.Tensor | None = None  # master parameter shard (the optimizer's "param")
+    grad_S: torch.Tensor | None = None  # gradient shard (shard_S.grad itself when fp32)
     gathered: bool = False
     pending: int = 0  # parameters still to receive their gradient in this backward
 
@@ -68,7 +73,10 @@ def pack(
     named: list[tuple[str, nn.Parameter]], chunk_numel: int, comm: Comm, decay: bool, first: int
 ) -> list[Chunk]:
     """Greedy packing in the given order; the capacity fits the largest parameter and divides
-    evenly among ranks, so every rank's shard has the same length."""
+    evenly among ranks, so every rank's shard has the same length. Each chunk is then trimmed
+    to the parameters it holds (rounded up to the world size): nothing pools equal-sized chunk
+    buffers, so the padding a fixed size leaves when a big parameter does not fit would only
+    be payload memory (47 % of the matrices of ``benchmarks/engine.py``'s model at 4 MB)."""
     if not named:
         return []
     biggest = max(p.numel() for _, p in named)
@@ -83,6 +91,8 @@ def pack(
             offset = 0
         chunks[-1].slots.append(Slot(name, p, offset, p.numel(), p.shape))
         offset += p.numel()
+    for chunk in chunks:
+        chunk.capacity = -(-chunk.used // comm.world) * comm.world
     return chunks
 
 
@@ -93,9 +103,12 @@ class ChunkStore:
     between it and the host as the memory manager decides (``move_payload``).
     """
 
-    def __init__(self, chunks: list[Chunk], device: torch.device) -> None:
+    def __init__(
+        self, chunks: list[Chunk], device: torch.device, precision: Precision | None = None
+    ) -> None:
         self.chunks = chunks
         self.device = device
+        self.precision = precision or Precision()
         self.index: dict[nn.Parameter, Chunk] = {}
         for chunk in chunks:
             for slot in chunk.slots:
@@ -103,15 +116,25 @@ class ChunkStore:
         self.manager: MemoryManager | None = None  # set by the engine
 
     def materialize(self) -> None:
-        """Copy each parameter's current values into its chunk, keep this rank's shard, point
-        the parameter at a view of the (then released) full buffer."""
+        """Copy each parameter's current values into its chunk, keep this rank's shard (fp32
+        master and gradient shard), point the parameter at a view of the (then released) full
+        buffer, which is in ``param`` dtype."""
         for chunk in self.chunks:
-            ref = chunk.slots[0].param
-            full_C = torch.zeros(chunk.capacity, dtype=ref.dtype, device=self.device)
+            values_C = torch.zeros(chunk.capacity, dtype=MASTER, device=self.device)
             for slot in chunk.slots:
-                full_C[slot.offset : slot.offset + slot.numel].copy_(slot.param.detach().view(-1))
+                values_C[slot.offset : slot.offset + slot.numel].copy_(slot.param.detach().view(-1))
             start, end = chunk.shard_range()
-            chunk.shard_S = full_C[start:end].clone()
+            chunk.shard_S = shard_param(values_C[start:end].clone(), self.precision.reduce)
+            chunk.grad_S = (
+                chunk.shard_S.grad
+                if self.precision.grad_is_master
+                else torch.zeros_like(chunk.shard_S, dtype=self.precision.reduce)
+            )
+            if self.precision.param == MASTER:
+                full_C = values_C
+            else:
+                full_C = values_C.to(self.precision.param)
+                del values_C
             for slot in chunk.slots:
                 view = full_C[slot.offset : slot.offset + slot.numel].view(slot.shape)
                 slot.param.data = view
@@ -127,10 +150,15 @@ class ChunkStore:
         return list(seen.values())
 
     def full_bytes(self, chunk: Chunk) -> int:
-        assert chunk.full_C is not None
-        return chunk.capacity * chunk.full_C.element_size()
+        """The gathered parameters (``param`` dtype)."""
+        return chunk.capacity * self.precision.param_size
+
+    def grad_bytes(self, chunk: Chunk) -> int:
+        """The full gradient buffer during the chunk's backward (``reduce`` dtype)."""
+        return chunk.capacity * self.precision.reduce_size
 
     def shard_bytes(self, chunk: Chunk) -> int:
+        """One fp32 master shard (staged on the device when its payload is on the host)."""
         return chunk.shard_numel * 4
 
     def gather(self, chunk: Chunk) -> None:
@@ -140,18 +168,38 @@ class ChunkStore:
         assert chunk.full_C is not None and chunk.shard_S is not None and self.manager is not None
         if torch.is_grad_enabled():
             self.manager.touch(chunk.index)
+        self.manager.ready(chunk.index)  # a payload loaded ahead: wait for its copy
         self.manager.alloc(self.full_bytes(chunk), keep=chunk.index)
         _alloc(chunk.full_C)
         shard_S = chunk.shard_S.data
         staged = shard_S.device != self.device  # a host payload, staged on the device (counted)
+        cast = self.precision.param != shard_S.dtype  # all-gather the shard cast to param dtype
+        cast_bytes = chunk.shard_numel * self.precision.param_size
+        nbytes = self.shard_bytes(chunk) * staged + cast_bytes * cast
+        if nbytes:
+            self.manager.alloc(nbytes, keep=chunk.index)
         if staged:
-            self.manager.alloc(self.shard_bytes(chunk), keep=chunk.index)
             shard_S = shard_S.to(self.device, non_blocking=True)
+        if cast:
+            shard_S = shard_S.to(self.precision.param)
         chunk.comm.all_gather(chunk.full_C, shard_S)
-        if staged:
+        if nbytes:
             del shard_S
-            self.manager.free(self.shard_bytes(chunk))
+            self.manager.free(nbytes)
         chunk.gathered = True
+
+    def gather_master(self, chunk: Chunk) -> torch.Tensor:
+        """The chunk's fp32 master values in full, for checkpoints (a collective). With fp32
+        parameters that is the gathered chunk (release it after); otherwise a temporary fp32
+        all-gather outside the budget (checkpoint time, not the training step)."""
+        if self.precision.param == MASTER:
+            self.gather(chunk)
+            assert chunk.full_C is not None
+            return chunk.full_C
+        assert chunk.shard_S is not None
+        master_C = torch.empty(chunk.capacity, dtype=MASTER, device=self.device)
+        chunk.comm.all_gather(master_C, chunk.shard_S.data.to(self.device))
+        return master_C
 
     def release(self, chunk: Chunk) -> None:
         if not chunk.gathered:
@@ -167,8 +215,8 @@ class ChunkStore:
             return
         assert self.manager is not None
         self.gather(chunk)
-        self.manager.alloc(self.full_bytes(chunk), keep=chunk.index)
-        chunk.grad_C = torch.zeros(chunk.capacity, dtype=torch.float32, device=self.device)
+        self.manager.alloc(self.grad_bytes(chunk), keep=chunk.index)
+        chunk.grad_C = torch.zeros(chunk.capacity, dtype=self.precision.reduce, device=self.device)
         chunk.pending = len(chunk.slots)
 
     def add_grad(self, param: nn.Parameter) -> None:
@@ -188,20 +236,19 @@ class ChunkStore:
     def reduce(self, chunk: Chunk) -> None:
         """Reduce-scatter the chunk's gradient into the owner's shard (mean over ranks) and
         release the chunk's full buffers."""
-        assert chunk.grad_C is not None and chunk.shard_S is not None and self.manager is not None
+        assert chunk.grad_C is not None and chunk.grad_S is not None and self.manager is not None
         self.manager.touch(chunk.index)
-        self.manager.alloc(self.shard_bytes(chunk), keep=chunk.index)
-        out_S = torch.empty(chunk.shard_numel, dtype=torch.float32, device=self.device)
+        out_bytes = chunk.shard_numel * self.precision.reduce_size
+        self.manager.alloc(out_bytes, keep=chunk.index)
+        out_S = torch.empty(chunk.shard_numel, dtype=self.precision.reduce, device=self.device)
         chunk.comm.reduce_scatter(out_S, chunk.grad_C)
         if chunk.comm.world > 1:
             out_S.div_(chunk.comm.world)
-        grad_S = chunk.shard_S.grad
-        assert grad_S is not None
-        grad_S.add_(out_S.to(grad_S.device))
+        chunk.grad_S.add_(out_S.to(chunk.grad_S.device))
         del out_S
-        self.manager.free(self.shard_bytes(chunk))
+        self.manager.free(out_bytes)
         chunk.grad_C = None
-        self.manager.free(self.full_bytes(chunk))
+        self.manager.free(self.grad_bytes(chunk))
         self.release(chunk)
 
     def finish_backward(self) -> None:
@@ -210,6 +257,8 @@ class ChunkStore:
             if chunk.grad_C is not None:
                 self.reduce(chunk)
             self.release(chunk)
+        if self.manager is not None:  # the clip and the optimizer read every payload next
+            self.manager.settle()
 
 
 def _free(t: torch.Tensor) -> None:

@@ -18,14 +18,15 @@ from torch import nn
 from myriad.engine.chunks import Chunk, ChunkStore, pack
 from myriad.engine.comm import Comm
 from myriad.engine.config import EngineConfig
-from myriad.engine.expert import ExpertParallel
+from myriad.engine.expert import split_experts
+from myriad.engine.groups import ExpertGroups
 from myriad.engine.hooks import Hooks, trace_first_use
-from myriad.engine.optim import ShardAdamW, shard_param
+from myriad.engine.hostmem import home_tensors
+from myriad.engine.optim import ShardAdamW
 from myriad.engine.placement import MB, MemoryManager
-from myriad.errors import UserError
+from myriad.engine.precision import Precision
+from myriad.engine.prefetch import device_probe
 from myriad.model.moe import MoEFeedForward
-
-EXPERT_WEIGHTS = ("w_in_EDF2", "w_out_EFD")
 
 
 class Engine:
@@ -39,6 +40,7 @@ class Engine:
         self.manager: MemoryManager
         self.hooks: Hooks
         self.expert_rows: dict[nn.Parameter, tuple[int, int]] = {}  # (first row, all rows)
+        self.expert_groups: ExpertGroups | None = None  # EP / expert data-parallel groups
         self.param_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
         self.host_home: dict[int, list[torch.Tensor]] = {}  # chunk -> its payload's host copy
 
@@ -52,12 +54,15 @@ class Engine:
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Global gradient L2 norm over all ranks' shards; scale gradients down to ``max_norm``."""
-        grads = [c.shard_S.grad for c in self.store.chunks if c.shard_S is not None]
+        """Global gradient L2 norm over all ranks' shards; scale gradients down to ``max_norm``.
+
+        The squares are summed in fp32 whatever the gradient shard's dtype (one shard's upcast
+        at a time); the scaling happens in place, in that dtype."""
+        grads = [c.grad_S for c in self.store.chunks]
         sq = torch.zeros((), dtype=torch.float32, device=self.device)
         for g in grads:
             assert g is not None
-            sq += g.pow(2).sum().to(self.device)
+            sq += g.float().pow(2).sum().to(self.device)
         total = self.comm.all_reduce(sq).sqrt()
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for g in grads:
@@ -76,14 +81,15 @@ class Engine:
         """
         out: dict[str, torch.Tensor] = {}
         for chunk in self.store.chunks:
-            self.store.gather(chunk)
-            assert chunk.full_C is not None
+            master_C = self.store.gather_master(chunk)  # fp32 masters, whatever param_dtype
             for slot in chunk.slots:
-                flat = chunk.full_C[slot.offset : slot.offset + slot.numel].clone()
+                flat = master_C[slot.offset : slot.offset + slot.numel].clone()
                 rows = self.expert_rows.get(slot.param)
-                if rows is not None:  # this rank's experts: gather every rank's rows
-                    whole = flat.new_empty(slot.numel * self.comm.world)
-                    self.comm.all_gather(whole, flat)
+                if rows is not None:  # this rank's experts: gather its EP group's rows
+                    assert self.expert_groups is not None
+                    ep = self.expert_groups.ep
+                    whole = flat.new_empty(slot.numel * ep.world)
+                    ep.all_gather(whole, flat)
                     shape = (rows[1], *slot.shape[1:])
                     out[slot.name] = whole.view(shape).cpu()
                 else:
@@ -97,6 +103,7 @@ class Engine:
             "chunks": len(chunks),
             "chunk_numel": max((c.capacity for c in chunks), default=0),
             "world": self.comm.world,
+            "expert_parallel_size": self.expert_groups.size if self.expert_groups else 0,
             **self.manager.report(),
         }
 
@@ -117,34 +124,47 @@ class Engine:
             eps=eps,
             before_step=self._before_step,
             after_step=self.manager.end_step,
+            low_grads={
+                c.shard_S: c.grad_S
+                for c in self.store.chunks
+                if c.shard_S is not None and c.grad_S is not None and c.shard_S.grad is None
+            },
         )
         self.optimizer = optimizer
+        for cid, home in self.host_home.items():  # host payloads: moments into their homes too
+            shard_S = self.store.chunks[cid].shard_S
+            if shard_S is not None and shard_S.data_ptr() == home[0].data_ptr():
+                self.move_payload(cid, False)
         return optimizer
 
     def _before_step(self) -> None:
         for chunk in self.store.chunks:
             self.manager.touch(chunk.index)
+        self.manager.settle()  # loads ahead must land before the step reads the payloads
 
     def move_payload(self, cid: int, to_device: bool) -> None:
         """Relocate chunk ``cid``'s shard, gradient and Adam moments to one tier.
 
         The host copy is the payload's home and is kept (pinned on CUDA) while a device copy
         serves: loading copies into fresh device memory, evicting copies back into the home,
-        so no host memory is allocated (or pinned, which is slow) per eviction.
+        so no host memory is allocated (or pinned, which is slow) per eviction. The homes of the
+        whole payload (moments included, even before the optimizer exists) are one exact-size
+        allocation (``hostmem``), allocated once.
         """
         chunk = self.store.chunks[cid]
-        assert chunk.shard_S is not None and chunk.shard_S.grad is not None
-        tensors = [chunk.shard_S, chunk.shard_S.grad]
+        assert chunk.shard_S is not None and chunk.grad_S is not None
+        tensors = [chunk.shard_S, chunk.grad_S]  # grad_S is shard_S.grad unless low-precision
         opt = getattr(self, "optimizer", None)
         state = opt.state[chunk.shard_S] if opt is not None else {}
         tensors += [state[k] for k in ("exp_avg", "exp_avg_sq") if k in state]
         home = self.host_home.get(cid)
-        if home is None or len(home) != len(tensors):
-            pin = self.device.type == "cuda"
-            home = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for t in tensors]
+        if home is None:
+            master = chunk.shard_S
+            specs = [(t.shape, t.dtype) for t in (master, chunk.grad_S, master, master)]
+            home = home_tensors(specs, pin=self.device.type == "cuda")
             self.host_home[cid] = home
         with torch.no_grad():
-            for t, h in zip(tensors, home, strict=True):
+            for t, h in zip(tensors, home[: len(tensors)], strict=True):
                 if to_device:
                     if t.data.data_ptr() != h.data_ptr():  # first load, or state replaced
                         h.copy_(t.data)
@@ -169,30 +189,6 @@ def _ordered_params(model: nn.Module, order: list[nn.Module]) -> list[tuple[str,
     return [(n, p) for p, n in seen.items() if p.requires_grad]
 
 
-def _split_experts(model: nn.Module, comm: Comm) -> dict[nn.Parameter, tuple[int, int]]:
-    """Keep only this rank's experts in every MoE layer and route through all-to-all."""
-    local: dict[nn.Parameter, tuple[int, int]] = {}
-    for module in model.modules():
-        if not isinstance(module, MoEFeedForward):
-            continue
-        E = module.cfg.num_experts
-        if E % comm.world:
-            raise UserError(
-                f"engine.expert_parallel: model.moe.num_experts ({E}) must be divisible by the "
-                f"number of processes ({comm.world})"
-            )
-        if module.cfg.capacity_factor > 0:
-            raise UserError("engine.expert_parallel needs dropless MoE: model.moe.capacity_factor")
-        per = E // comm.world
-        for attr in EXPERT_WEIGHTS:
-            full = getattr(module, attr)
-            part = full.detach()[comm.rank * per : (comm.rank + 1) * per].clone()
-            setattr(module, attr, nn.Parameter(part))
-            local[getattr(module, attr)] = (comm.rank * per, E)
-        module.expert_fn = ExpertParallel(comm, E)
-    return local
-
-
 def apply(
     model: nn.Module,
     cfg: EngineConfig,
@@ -212,27 +208,36 @@ def apply(
             # The engine moves each gradient into its chunk at once; a cached per-layer gradient
             # buffer would be a third copy of every expert gradient.
             module.reuse_cpu_grad_buffers = False
-    local_experts = _split_experts(model, comm) if cfg.expert_parallel else {}
+    if cfg.expert_parallel:
+        local_experts, engine.expert_groups = split_experts(model, comm, cfg.expert_parallel_size)
+    else:
+        local_experts = {}
     engine.expert_rows = local_experts
     order = trace_first_use(model, run_forward)
     named = _ordered_params(model, order)
     chunk_numel = max(int(cfg.chunk_mb * MB) // 4, 1)
-    solo = Comm(0, 1, None, comm.timeout_s)  # experts already split: no one shares them
+    groups = engine.expert_groups  # expert chunks: ZeRO over the expert data-parallel group
+    edp = groups.edp if groups is not None else comm
     chunks: list[Chunk] = []
     for params, group, decay in (
         ([x for x in named if x[1] not in local_experts and x[1].dim() >= 2], comm, True),
         ([x for x in named if x[1] not in local_experts and x[1].dim() < 2], comm, False),
-        ([x for x in named if x[1] in local_experts], solo, True),
+        ([x for x in named if x[1] in local_experts], edp, True),
     ):
         chunks += pack(params, chunk_numel, group, decay, first=len(chunks))
-    store = ChunkStore(chunks, device)
-    store.materialize()
-    for chunk in chunks:
-        assert chunk.shard_S is not None
-        chunk.shard_S = shard_param(chunk.shard_S)
-    payload = [16 * c.shard_numel + 4 for c in chunks]  # param, grad, 2 moments (fp32), step
+    precision = Precision.named(cfg.param_dtype, cfg.reduce_dtype)
+    store = ChunkStore(chunks, device, precision)
+    store.materialize()  # fp32 master shards, gradient shards, views in param_dtype
+    payload = [precision.payload_bytes(c.shard_numel) for c in chunks]  # master, grad, moments
     budget = int(cfg.device_budget_mb * MB)
-    engine.manager = MemoryManager(device, budget, engine.move_payload, payload)
+    engine.manager = MemoryManager(
+        device,
+        budget,
+        engine.move_payload,
+        payload,
+        probe=device_probe(device),
+        prefetch_bytes=int(cfg.prefetch_mb * MB),
+    )
     store.manager = engine.manager
     engine.store = store
     engine.manager.place_initial()

@@ -29,6 +29,7 @@ from torch.distributed.fsdp import (
 from torch.distributed.tensor import DTensor
 
 from myriad.model import MoETransformerLM
+from myriad.model.moe import MoEFeedForward
 
 
 def build_mesh() -> DeviceMesh:
@@ -64,7 +65,16 @@ def apply_fsdp2(
     """
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else None
     policy = offload or OffloadPolicy()
-    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    # Inputs are not cast: the blocks' rotary tables stay fp32, as with the myriad engine (the
+    # same recipe keys compute the same numbers; tests/test_engine_precision.py).
+    mp_policy = MixedPrecisionPolicy(
+        param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False
+    )
+    for module in model.modules():
+        if isinstance(module, MoEFeedForward):
+            # A cached per-layer expert-gradient buffer would keep an unsharded gradient alive
+            # on every rank (the myriad engine turns it off too, so both compute the same).
+            module.reuse_cpu_grad_buffers = False
     for block in model.blocks:
         fully_shard(
             block,

@@ -9,13 +9,15 @@ only an optimizer and a :class:`myriad.train.step.GradSync`:
 
 With ``torchrun`` (``WORLD_SIZE`` > 1) each process joins the group first; on CUDA it takes GPU
 ``LOCAL_RANK``. The model's ``state_dict``/``load_state_dict`` keep working on a partitioned model
-(hooks gather the chunks around them), so the trainer's checkpoints hold whole weights.
+(hooks gather the chunks around them; hot-start loads through them); the trainer's checkpoints of
+a ``myriad`` run are per-rank shards instead (``myriad.train.shard_checkpoint``).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -114,8 +116,17 @@ def _wrap_fsdp2(runtime: Runtime, model: nn.Module, train: TrainConfig):
 
     if not dist.is_initialized():  # one process: FSDP2 still needs a (1-rank) group
         raise UserError("engine.kind=fsdp2 needs torchrun (or a process group), even for 1 rank")
+    from myriad.engine.precision import fsdp2_dtypes
+
     mesh = fsdp2.build_mesh()
-    fsdp2.apply_fsdp2(model, mesh, cpu_offload=runtime.cfg.cpu_offload)  # type: ignore[arg-type]
+    param_dtype, reduce_dtype = fsdp2_dtypes(runtime.cfg.param_dtype, runtime.cfg.reduce_dtype)
+    fsdp2.apply_fsdp2(
+        model,  # type: ignore[arg-type]
+        mesh,
+        cpu_offload=runtime.cfg.cpu_offload,
+        param_dtype=param_dtype,
+        reduce_dtype=reduce_dtype,
+    )
     install_dtensor_state_dict_hooks(model)
     opt_device = torch.device("cpu") if runtime.cfg.cpu_offload else runtime.device
     return build_optimizer(model, train, opt_device), FSDP2Sync(runtime.comm, model)
@@ -142,7 +153,8 @@ class FSDP2Sync:
 
 def install_state_dict_hooks(model: nn.Module, engine: Any) -> None:
     """``state_dict`` returns whole tensors (gathered; experts from every rank); ``load_state_dict``
-    gathers the chunks, lets torch copy into them, and keeps this rank's slices.
+    gathers the chunks, lets torch copy into them, and keeps this rank's slices, taken from the
+    loaded values themselves so fp32 masters stay exact under ``engine.param_dtype = bfloat16``.
 
     Both are collectives (every rank calls them together, as the trainer's checkpoints do) and
     hold the whole model in memory for a moment: the path for small and medium models; large
@@ -150,11 +162,16 @@ def install_state_dict_hooks(model: nn.Module, engine: Any) -> None:
     """
     aliases = dict(model.named_parameters(remove_duplicate=False))
     canonical = {p: n for n, p in model.named_parameters()}
+    engine.gather_state_dict = True  # False inside ``buffers_only_state_dict``
 
     def after_state_dict(module, state_dict, prefix, local_metadata):  # noqa: ARG001
+        if not engine.gather_state_dict:
+            return
         full = engine.full_state_dict()
         for name, p in aliases.items():
             state_dict[prefix + name] = full[canonical[p]]
+
+    loaded: dict[nn.Parameter, torch.Tensor] = {}
 
     def before_load(module, state_dict, prefix, *args):  # noqa: ARG001
         for chunk in engine.store.chunks:
@@ -163,17 +180,48 @@ def install_state_dict_hooks(model: nn.Module, engine: Any) -> None:
             key = prefix + canonical[p]
             if key in state_dict:
                 state_dict[key] = state_dict[key][rows[0] : rows[0] + p.shape[0]]
+        for p, name in canonical.items():
+            if prefix + name in state_dict:
+                loaded[p] = state_dict[prefix + name]
 
     def after_load(module, incompatible):  # noqa: ARG001
         with torch.no_grad():
             for chunk in engine.store.chunks:
                 lo, hi = chunk.shard_range()
-                chunk.shard_S.data.copy_(chunk.full_C[lo:hi].to(chunk.shard_S.device))
+                for slot in chunk.slots:  # this rank's part of each loaded parameter
+                    start, end = max(lo, slot.offset), min(hi, slot.offset + slot.numel)
+                    value = loaded.get(slot.param)
+                    if value is None or start >= end:
+                        continue
+                    flat = value.reshape(-1)[start - slot.offset : end - slot.offset]
+                    chunk.shard_S.data[start - lo : end - lo].copy_(flat)
                 engine.store.release(chunk)
+        loaded.clear()
 
     model.register_state_dict_post_hook(after_state_dict)
     model.register_load_state_dict_pre_hook(before_load)
     model.register_load_state_dict_post_hook(after_load)
+
+
+def sharding_engine(sync: Any) -> Any:
+    """The ``myriad`` engine behind a training step's ``GradSync``, else None: the trainer asks
+    so that its checkpoints are per-rank shards (``myriad.train.shard_checkpoint``)."""
+    from myriad.engine.engine import Engine
+
+    return sync if isinstance(sync, Engine) else None
+
+
+@contextmanager
+def buffers_only_state_dict(engine: Any) -> Iterator[None]:
+    """Within this block ``state_dict()`` gathers nothing and is no collective: its parameter
+    entries are released views that must not be read (only the buffers are meaningful). For
+    ``shards.save_shards``, which takes just the buffers from it, so that saving shards never
+    holds the whole model in one process."""
+    engine.gather_state_dict = False
+    try:
+        yield
+    finally:
+        engine.gather_state_dict = True
 
 
 def install_dtensor_state_dict_hooks(model: nn.Module) -> None:

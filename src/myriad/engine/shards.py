@@ -53,6 +53,15 @@ def _atomic(path: Path, write: Callable[[Path], object]) -> None:
         os.close(fd)
 
 
+def _members(engine: Engine, chunk: Any) -> list[int]:
+    """Ranks (of the world) that share ``chunk``, in shard order: every rank for the dense
+    chunks, the expert data-parallel group for expert chunks."""
+    groups = engine.expert_groups
+    if groups is not None and chunk.comm is groups.edp:
+        return list(groups.edp_members)
+    return list(range(engine.comm.world))
+
+
 def _layout(engine: Engine) -> dict[str, Any]:
     chunks = []
     for chunk in engine.store.chunks:
@@ -73,11 +82,18 @@ def _layout(engine: Engine) -> dict[str, Any]:
                 "index": chunk.index,
                 "world": chunk.comm.world,
                 "rank": chunk.comm.rank,
+                "ranks": _members(engine, chunk),  # the file of each shard, in order
                 "capacity": chunk.capacity,
                 "slots": slots,
             }
         )
-    return {"world": engine.comm.world, "rank": engine.comm.rank, "chunks": chunks}
+    groups = engine.expert_groups
+    return {
+        "world": engine.comm.world,
+        "rank": engine.comm.rank,
+        "expert_parallel_size": groups.size if groups is not None else 0,
+        "chunks": chunks,
+    }
 
 
 def save_shards(engine: Engine, directory: Path) -> Path:
@@ -117,15 +133,21 @@ class ShardReader:
         self.world = found[0][1]
         self.layouts = [json.loads(p.read_text(encoding="utf-8")) for _, _, p in found]
         self.files = [p.with_suffix(".safetensors") for _, _, p in found]
-        # name -> [(rank, chunk layout, slot)] in rank order
-        self.pieces: dict[str, list[tuple[int, dict, dict]]] = {}
+        # name -> [(ranks holding the chunk's shards, chunk layout, slot)] in row order: one
+        # piece for a whole tensor, one per expert-parallel rank for split expert tensors (each
+        # piece is written by every rank sharing its chunk; the first one seen is kept)
+        self.pieces: dict[str, list[tuple[list[int], dict, dict]]] = {}
+        found_rows: dict[str, dict[int, tuple[list[int], dict, dict]]] = {}
         for rank, layout in enumerate(self.layouts):
             for chunk in layout["chunks"]:
+                ranks = chunk.get("ranks") or (
+                    list(range(chunk["world"])) if chunk["world"] > 1 else [rank]
+                )
                 for slot in chunk["slots"]:
-                    shared = chunk["world"] > 1
-                    if shared and rank > 0:
-                        continue  # a shared chunk's layout is the same on every rank
-                    self.pieces.setdefault(slot["name"], []).append((rank, chunk, slot))
+                    first = slot["rows"][0] if slot["rows"] else 0
+                    found_rows.setdefault(slot["name"], {}).setdefault(first, (ranks, chunk, slot))
+        for name, by_row in found_rows.items():
+            self.pieces[name] = [by_row[first] for first in sorted(by_row)]
         self._handles = [safe_open(str(f), framework="pt") for f in self.files]
 
     def names(self) -> list[str]:
@@ -144,26 +166,27 @@ class ShardReader:
             shape[0] = slot["rows"][1]
         return shape
 
-    def _flat(self, rank: int, chunk: dict, slot: dict, kind: str) -> torch.Tensor:
-        """One slot's flat values, read from the shards of the ranks that own its range."""
-        if chunk["world"] == 1:
-            key, f = f"{chunk['index']}.{kind}", self._handles[rank]
-            return f.get_slice(key)[slot["offset"] : slot["offset"] + slot["numel"]]
+    def _flat(self, ranks: list[int], chunk: dict, slot: dict, kind: str) -> torch.Tensor:
+        """One slot's flat values, read from the shards (shard j in ``ranks[j]``'s file) that
+        cover its range."""
         shard = chunk["capacity"] // chunk["world"]
         start, end = slot["offset"], slot["offset"] + slot["numel"]
         parts = []
         for r in range(start // shard, (end - 1) // shard + 1):
             lo, hi = max(start, r * shard) - r * shard, min(end, (r + 1) * shard) - r * shard
-            parts.append(self._handles[r].get_slice(f"{chunk['index']}.{kind}")[lo:hi])
+            parts.append(self._handles[ranks[r]].get_slice(f"{chunk['index']}.{kind}")[lo:hi])
         return torch.cat(parts)
 
     def full(self, name: str, kind: str = "param") -> torch.Tensor:
         """The whole tensor ``name`` (``kind``: param, exp_avg or exp_avg_sq)."""
         pieces = [
-            self._flat(rank, chunk, slot, kind).view(slot["shape"])
-            for rank, chunk, slot in self.pieces[name]
+            self._flat(ranks, chunk, slot, kind).view(slot["shape"])
+            for ranks, chunk, slot in self.pieces[name]
         ]
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        whole = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        if list(whole.shape) != self.shape(name):
+            raise UserError(f"engine shards: rows of {name} missing (got {list(whole.shape)})")
+        return whole
 
     def step(self) -> float:
         for handle in self._handles:

@@ -5,6 +5,10 @@ A step directory holds ``model.safetensors`` (weights, tied tensors stored once)
 (optimizer, scheduler, RNG and data-stream state: what an exact resume needs) and
 ``trainer_state.json`` (the same bookkeeping for humans).
 
+With ``engine.kind = "myriad"`` the step directory holds per-rank engine shard files instead of
+``model.safetensors`` (see ``shard_checkpoint.py``); everything here that reads weights in one
+process assembles them from the shards when there is no consolidated file.
+
 Atomicity: everything is written into a hidden temporary directory beside the final one, each file
 and the directory are fsynced, the directory is renamed into place, and only then is the ``latest``
 pointer replaced (temporary file + ``os.replace``). A crash or a full disk at any point leaves the
@@ -37,18 +41,19 @@ STATE_JSON = "trainer_state.json"
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_SHARD_LAYOUT = re.compile(r"^engine-rank(\d+)-of-(\d+)\.json$")
 
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     with path.open("rb") as f:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -61,7 +66,7 @@ def _write_weights(path: Path, model: nn.Module) -> None:
     save_model(model, str(path), metadata={"format": "pt"})
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -69,7 +74,7 @@ def _write_state(path: Path, state: dict[str, Any]) -> None:
     torch.save(state, path)
 
 
-def _remove_stale_temps(root: Path) -> None:
+def remove_stale_temps(root: Path) -> None:
     """Temporaries of an earlier, killed save: never complete, never pointed to."""
     for entry in root.glob(f"{TMP_PREFIX}*"):
         if entry.is_dir():
@@ -101,24 +106,24 @@ def save_checkpoint(
         UserError: the checkpoint could not be written (e.g. disk full); the previous one is intact.
     """
     root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(root)
+    remove_stale_temps(root)
     final = root / step_dir_name(step)
     tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
     writers: list[tuple[str, Callable[[Path], None]]] = [
         (WEIGHTS, lambda p: _write_weights(p, model)),
-        (CONFIG, lambda p: _write_json(p, config)),
+        (CONFIG, lambda p: write_json(p, config)),
         (STATE, lambda p: _write_state(p, state)),
-        (STATE_JSON, lambda p: _write_json(p, summary)),
+        (STATE_JSON, lambda p: write_json(p, summary)),
     ]
     try:
         tmp.mkdir()
         for name, write in writers:
             write(tmp / name)
-            _fsync_file(tmp / name)
-        _fsync_dir(tmp)
+            fsync_file(tmp / name)
+        fsync_dir(tmp)
         move_into_place(tmp, final)
-        _fsync_dir(root)
-        _write_latest(root, final.name)
+        fsync_dir(root)
+        write_latest(root, final.name)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(
@@ -143,12 +148,12 @@ def move_into_place(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-def _write_latest(root: Path, name: str) -> None:
+def write_latest(root: Path, name: str) -> None:
     tmp = root / f"{TMP_PREFIX}{LATEST}-{os.getpid()}"
     tmp.write_text(name + "\n", encoding="utf-8")
-    _fsync_file(tmp)
+    fsync_file(tmp)
     os.replace(tmp, root / LATEST)
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -215,9 +220,69 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def shard_world(step_dir: Path) -> int | None:
+    """The world size that wrote the engine shard files of a sharded checkpoint; None when
+    ``step_dir`` holds a consolidated ``model.safetensors`` (or no shard files)."""
+    if (step_dir / WEIGHTS).exists():
+        return None
+    worlds = [
+        int(m.group(2))
+        for p in step_dir.glob("engine-rank*-of-*.json")
+        if (m := _SHARD_LAYOUT.match(p.name))
+    ]
+    return max(worlds) if worlds else None
+
+
+def _shard_reader(step_dir: Path) -> Any:
+    from myriad.engine.shards import ShardReader
+
+    try:
+        return ShardReader(step_dir)
+    except UserError:
+        raise
+    except Exception as exc:  # safetensors or JSON errors: a damaged shard or layout file
+        raise UserError(f"corrupt or truncated engine shard files in {step_dir}: {exc}") from None
+
+
+def read_shard_weights(step_dir: Path) -> dict[str, torch.Tensor]:
+    """Every parameter (whole, tied ones once) and buffer of a sharded checkpoint, assembled
+    from all ranks' shard files. Holds the whole model: for single-process consumers."""
+    reader = _shard_reader(step_dir)
+    try:
+        tensors = {name: reader.full(name) for name in reader.names()}
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"corrupt or truncated engine shard files in {step_dir}: {exc}") from None
+    return tensors | reader.buffers()
+
+
+def _load_shard_weights(model: nn.Module, step_dir: Path) -> None:
+    state = read_shard_weights(step_dir)
+    canonical = {p: n for n, p in model.named_parameters()}
+    for name, p in model.named_parameters(remove_duplicate=False):  # tied aliases
+        if name not in state and canonical[p] in state:
+            state[name] = state[canonical[p]]
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise UserError(f"engine shards in {step_dir} do not match the model: {exc}") from None
+    if missing or unexpected:
+        raise UserError(
+            f"engine shards in {step_dir} do not match the model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+
+
 def load_weights(model: nn.Module, step_dir: Path) -> None:
-    """Load ``model.safetensors`` into ``model`` (strict); a bad file is a user error naming it."""
+    """Load ``model.safetensors`` into ``model`` (strict); a bad file is a user error naming it.
+
+    A sharded checkpoint (no ``model.safetensors``) is assembled from its engine shard files.
+    """
     path = step_dir / WEIGHTS
+    if shard_world(step_dir) is not None:
+        _load_shard_weights(model, step_dir)
+        return
     _require_file(path)
     try:
         missing, unexpected = load_model(model, str(path), strict=False)
@@ -230,9 +295,10 @@ def load_weights(model: nn.Module, step_dir: Path) -> None:
         )
 
 
-def load_state(step_dir: Path) -> dict[str, Any]:
-    """``trainer_state.pt`` (tensors and plain values only: loaded with ``weights_only``)."""
-    path = step_dir / STATE
+def load_state(step_dir: Path, name: str = STATE) -> dict[str, Any]:
+    """``trainer_state.pt`` (tensors and plain values only: loaded with ``weights_only``);
+    ``name``: a sharded checkpoint's per-rank ``trainer_state-rankR.pt``."""
+    path = step_dir / name
     _require_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -250,6 +316,13 @@ def weights_summary(step_dir: Path) -> dict[str, Any]:
     or garbage file fails here without loading any weights.
     """
     path = step_dir / WEIGHTS
+    world = shard_world(step_dir)
+    if world is not None:
+        reader = _shard_reader(step_dir)
+        shapes = [reader.shape(name) for name in reader.names()]
+        shapes += [list(b.shape) for b in reader.buffers().values()]
+        files = f"{step_dir} ({world} engine shard files)"
+        return {"file": files, "tensors": len(shapes), "parameters": sum(map(math.prod, shapes))}
     _require_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:

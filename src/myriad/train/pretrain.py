@@ -20,7 +20,7 @@ from myriad.data import curriculum
 from myriad.engine import runtime as engine_runtime
 from myriad.errors import UserError
 from myriad.model import MoETransformerLM, count_parameters
-from myriad.train import checkpoint, hotstart
+from myriad.train import checkpoint, hotstart, shard_checkpoint
 from myriad.train.device import autocast_factory, precision_name, resolve_device
 from myriad.train.loop import BatchStream, Loop, run_loop
 from myriad.train.metrics import MetricsLogger, read_metrics, truncate_metrics
@@ -42,6 +42,7 @@ RESUMABLE_CHANGES = frozenset(
         "train.device",
         "train.precision",
         "engine.device_budget_mb",
+        "engine.prefetch_mb",
         "engine.timeout_s",
         "engine.backend",
     }
@@ -118,13 +119,14 @@ def _get(tree: dict[str, Any], dotted: str) -> Any:
     return node
 
 
-def _check_out_dir(out_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run in an empty/new directory."""
+def _check_out_dir(out_dir: Path, resume: bool, root: Path) -> Path | None:
+    """The checkpoint in ``root`` to resume from, or None for a fresh run in an empty/new
+    directory."""
     if resume:
-        found = checkpoint.latest_checkpoint(out_dir / "checkpoints")
+        found = checkpoint.latest_checkpoint(root)
         if found is None:
             raise UserError(
-                f"--resume: no checkpoint in {out_dir / 'checkpoints'} to resume from; "
+                f"--resume: no checkpoint in {root} to resume from; "
                 f"to start over, delete {out_dir} or choose another --out"
             )
         return found
@@ -193,7 +195,7 @@ def build_loop(cfg: RunConfig, out_dir: Path, prepared: PreparedData) -> Loop:
     return Loop(
         train_cfg=t,
         config_dict=to_dict(cfg),
-        checkpoint_root=out_dir / "checkpoints",
+        checkpoint_root=shard_checkpoint.checkpoint_root(out_dir, cfg.engine.kind),
         model=model,
         step_fn=step_fn,
         stream=stream,
@@ -204,9 +206,15 @@ def build_loop(cfg: RunConfig, out_dir: Path, prepared: PreparedData) -> Loop:
 
 
 def _restore(loop: Loop, step_dir: Path) -> Progress:
-    """Weights, optimizer, schedule, data position, then the RNGs (last, so nothing moves them)."""
-    checkpoint.load_weights(loop.model, step_dir)
-    state = checkpoint.load_state(step_dir)
+    """Weights, optimizer, schedule, data position, then the RNGs (last, so nothing moves them).
+
+    A sharded checkpoint: this rank's shards and moments, and its own trainer state."""
+    engine = engine_runtime.sharding_engine(loop.step_fn.sync)
+    if engine is not None and checkpoint.shard_world(step_dir) is not None:
+        state = shard_checkpoint.load_rank(engine, step_dir)
+    else:
+        checkpoint.load_weights(loop.model, step_dir)
+        state = checkpoint.load_state(step_dir)
     progress = restore_trainer_state(state, loop.step_fn.optimizer, loop.step_fn.scheduler)
     loop.stream.load_state_dict(state["data_stream"])
     loop.routing.load_state_dict(state.get("routing_monitor"))
@@ -268,8 +276,10 @@ def run_pretrain(
     _validate(cfg)
     if cfg.train.init_from:
         cfg = hotstart.prepare_config(cfg)  # reuse the source run's tokenizer
-    resume_from = _check_out_dir(out_dir, resume)
+    root = shard_checkpoint.checkpoint_root(out_dir, cfg.engine.kind)
+    resume_from = _check_out_dir(out_dir, resume, root)
     if resume_from is not None:
+        shard_checkpoint.check_resume(resume_from, cfg.engine.kind)
         saved = checkpoint.read_json(resume_from / checkpoint.CONFIG)
         for key in _check_resume_config(saved, to_dict(cfg), resume_from):
             log(f"resume: {key} changed from {_get(saved, key)!r} to {_get(to_dict(cfg), key)!r}")

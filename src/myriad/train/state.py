@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from myriad.errors import UserError
+
 
 @dataclass
 class Progress:
@@ -58,15 +60,25 @@ def trainer_state(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     stream_state: dict[str, Any],
+    *,
+    moments: bool = True,
 ) -> dict[str, Any]:
-    """The ``trainer_state.pt`` payload at the end of step ``progress.step``."""
+    """The ``trainer_state.pt`` payload at the end of step ``progress.step``.
+
+    ``moments=False`` keeps only the optimizer's hyper-parameters (lr, betas, ...): the engine's
+    sharded checkpoints hold the moments in the shard files instead.
+    """
+    opt = optimizer.state_dict()
+    if not moments:
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]
+        opt = {"param_groups": groups}
     return {
         "step": progress.step,
         "tokens_seen": progress.tokens_seen,
         "elapsed": progress.elapsed,
         "expert_load_LE": progress.expert_load_LE,
         "last": progress.last,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": opt,
         "scheduler": scheduler.state_dict(),
         "rng": capture_rng(),
         "data_stream": stream_state,
@@ -78,8 +90,22 @@ def restore_trainer_state(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> Progress:
-    """Load optimizer and schedule; return the counters. RNGs are restored by the caller last."""
-    optimizer.load_state_dict(state["optimizer"])
+    """Load optimizer and schedule; return the counters. RNGs are restored by the caller last.
+
+    Without ``state`` (a sharded checkpoint) only the groups' hyper-parameters are set; the
+    moments come from the shard files.
+    """
+    saved = state["optimizer"]
+    if "state" in saved:
+        optimizer.load_state_dict(saved)
+    else:
+        if len(saved["param_groups"]) != len(optimizer.param_groups):
+            raise UserError(
+                f"trainer state has {len(saved['param_groups'])} optimizer groups, the run "
+                f"{len(optimizer.param_groups)}"
+            )
+        for group, values in zip(optimizer.param_groups, saved["param_groups"], strict=True):
+            group.update(values)
     scheduler.load_state_dict(state["scheduler"])
     return Progress(
         step=int(state["step"]),

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One short GPU session for the training engine (issue 4): the CUDA engine tests, then the
+# 2.8 B dense model (and its MoE twin) under Myriad's engine with offload, FSDP2 +
+# CPUOffloadPolicy and DeepSpeed ZeRO-2 / ZeRO-3 with CPU offload, in one run.
+# Usage: bash benchmarks/gpu_engine.sh OUT_DIR [STEPS]
+# DeepSpeed and its missing dependencies travel as wheels in .whl/ (see docs/engine.md).
+set -u
+out=${1:?usage: gpu_engine.sh OUT_DIR [STEPS]}
+steps=${2:-4}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+free -g | head -2 | tee -a "$out/gpu.txt"
+
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py 2>&1 \
+  | tail -15 | tee "$out/test_engine_cuda.txt"
+
+bench() {  # model, timeout, modes...
+  local model=$1 limit=$2 start=$SECONDS; shift 2
+  timeout "$limit" python3 benchmarks/engine.py --gpu --model "$model" --steps "$steps" \
+    --json "$out/engine_$model.json" --modes "$@" > "$out/engine_$model.txt" 2>&1
+  echo "engine $model rc=$? wall $((SECONDS - start)) s"; tail -12 "$out/engine_$model.txt"
+}
+# The dense model against every peer; the MoE twin against the best of each.
+bench dense 330 none myriad-offload myriad-offload-bf16 fsdp2-offload fsdp2-offload-bf16 \
+  deepspeed-zero2-offload deepspeed-zero3-offload
+bench moe 200 none myriad-offload-bf16 fsdp2-offload-bf16 deepspeed-zero2-offload

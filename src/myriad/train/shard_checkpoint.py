@@ -1,0 +1,190 @@
+"""Sharded trainer checkpoints (``engine.kind = "myriad"``): every rank writes its own part of one
+step directory, and the directory appears whole or not at all.
+
+``<run>/checkpoints/step-NNNNNN/`` then holds ``config.json`` and ``trainer_state.json`` (rank
+0), every rank's ``engine-rankR-of-W.safetensors`` / ``.json`` (its parameter shards, Adam
+moments and layout, written by ``myriad.engine.shards.save_shards``) and every rank's
+``trainer_state-rankR.pt`` (schedule, optimizer hyper-parameters, RNG, data position, progress,
+routing monitor: what an exact resume of that rank needs besides the shards). No process ever
+holds the whole model; ``checkpoint.load_weights`` and ``myriad export`` read the shards.
+
+Atomicity across processes: rank 0 creates one temporary directory with an agreed name (behind a
+collective), every rank writes into it, and an all-reduce of per-rank failure flags tells every
+rank whether all succeeded. If one failed (e.g. a full disk), rank 0 removes the directory and
+every rank raises a one-line ``UserError``; the previous checkpoint and ``latest`` are untouched.
+Otherwise rank 0 fsyncs the directory, renames it into place and moves ``latest``, and a last
+flag tells the others it did. All ranks must see one file system (one node, or a shared one).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+
+from myriad.engine import runtime, shards
+from myriad.errors import UserError
+from myriad.train import checkpoint
+
+_DAMAGED = (OSError, ValueError, SafetensorError)  # ValueError: bad JSON in a layout file
+
+
+def rank_state_name(rank: int) -> str:
+    return f"trainer_state-rank{rank}.pt"
+
+
+def checkpoint_root(out_dir: Path, kind: str) -> Path:
+    """This process's ``checkpoints`` directory: ``myriad`` runs share rank 0's (every rank
+    writes its part of each step directory); other kinds keep one per rank directory, as
+    ``out_dir`` is ``runtime.rank_dir`` (``<run>/rank-R`` for ranks > 0)."""
+    if kind == "myriad" and int(os.environ.get("RANK", "0")) > 0:
+        return out_dir.parent / "checkpoints"
+    return out_dir / "checkpoints"
+
+
+def check_resume(step_dir: Path, kind: str) -> None:
+    """Refuse to resume with another number of processes than wrote the checkpoint: its shards
+    and per-rank trainer states (data position, RNG) belong to that many ranks."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    written = checkpoint.shard_world(step_dir)
+    if written is None:
+        if kind == "myriad" and world > 1:
+            raise UserError(
+                f"cannot resume {step_dir} with {world} processes: it holds consolidated weights, "
+                f"not engine shards; start a new run from it with --init-from {step_dir}"
+            )
+        return
+    if written != world:
+        raise UserError(
+            f"cannot resume {step_dir} with {world} process(es): it was written by {written}; "
+            f"resume with {written}, or start a new run from its weights with --init-from "
+            f"{step_dir} (or consolidate them: myriad export {step_dir} --out FILE)"
+        )
+
+
+def save_sharded_checkpoint(
+    root: Path,
+    *,
+    step: int,
+    engine: Any,
+    config: dict[str, Any],
+    state: dict[str, Any],
+    summary: dict[str, Any],
+    keep: int = 0,
+) -> Path:
+    """Write step ``step`` of every rank into ``root`` atomically; a collective (all ranks call it).
+
+    Args:
+        engine: this rank's ``myriad.engine.engine.Engine`` (its shards, comm and device).
+        state: this rank's trainer state (without optimizer moments: they are in the shards).
+        summary: rank 0's ``trainer_state.json``.
+
+    Raises:
+        UserError: some rank could not write (on every rank); the previous checkpoint is intact.
+    """
+    rank = engine.comm.rank
+    final = root / checkpoint.step_dir_name(step)
+    tmp = root / f"{checkpoint.TMP_PREFIX}{final.name}-shards"
+
+    def prepare() -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_stale_temps(root)
+        tmp.mkdir()
+
+    def write() -> None:
+        if not tmp.is_dir():  # else save_shards would create a directory no one publishes
+            raise UserError(
+                f"rank {rank} does not see {tmp}, which rank 0 created: the --out of a "
+                "multi-node myriad run must be on a file system every node shares"
+            )
+        with runtime.buffers_only_state_dict(engine):
+            shards.save_shards(engine, tmp)
+        _write_synced(tmp / rank_state_name(rank), lambda p: torch.save(state, p))
+        if rank == 0:
+            _write_synced(tmp / checkpoint.CONFIG, lambda p: checkpoint.write_json(p, config))
+            _write_synced(tmp / checkpoint.STATE_JSON, lambda p: checkpoint.write_json(p, summary))
+
+    def publish() -> None:
+        checkpoint.fsync_dir(tmp)
+        checkpoint.move_into_place(tmp, final)
+        checkpoint.fsync_dir(root)
+        checkpoint.write_latest(root, final.name)
+
+    _all_or_none(engine, final, tmp, prepare if rank == 0 else None)
+    _all_or_none(engine, final, tmp, write)
+    _all_or_none(engine, final, tmp, publish if rank == 0 else None)
+    if keep > 0 and rank == 0:
+        checkpoint.prune_checkpoints(root, keep)
+    return final
+
+
+def _write_synced(path: Path, write: Callable[[Path], object]) -> None:
+    write(path)
+    checkpoint.fsync_file(path)
+
+
+def _attempt(action: Callable[[], None] | None) -> Exception | None:
+    """Run ``action`` (None: nothing); its error is returned, not raised, so that this rank
+    still reaches the all-reduce that follows (or every rank would hang)."""
+    try:
+        if action is not None:
+            action()
+    except Exception as exc:
+        return exc
+    return None
+
+
+def _failed_ranks(engine: Any, error: Exception | None) -> str:
+    """Every rank's outcome (a collective): the failed ranks, comma-separated; '' when none."""
+    failed_W = torch.zeros(engine.comm.world, dtype=torch.int64, device=engine.device)  # W ranks
+    failed_W[engine.comm.rank] = int(error is not None)
+    engine.comm.all_reduce(failed_W)
+    return ", ".join(str(r) for r in failed_W.nonzero().flatten().tolist())
+
+
+def _all_or_none(engine: Any, final: Path, tmp: Path, action: Callable[[], None] | None) -> None:
+    """Run ``action`` here (None: nothing), then agree with every rank on whether all succeeded.
+
+    Failure anywhere: rank 0 removes ``tmp`` before anyone returns, and every rank raises (the
+    failing rank its own cause: a ``UserError`` for an ``OSError``, else the original error).
+    """
+    error = _attempt(action)
+    ranks = _failed_ranks(engine, error)
+    if not ranks:
+        return
+    if engine.comm.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    engine.comm.barrier()  # the temporary directory is gone before any rank raises
+    if error is not None and not isinstance(error, OSError):
+        raise error
+    cause = f": {error}" if error is not None else ""
+    raise UserError(
+        f"could not save checkpoint {final}: rank {ranks} failed to write{cause}; "
+        "the previous checkpoint is intact"
+    ) from error
+
+
+def load_rank(engine: Any, step_dir: Path) -> dict[str, Any]:
+    """Fill ``engine``'s shards and Adam moments from ``step_dir``'s shard files, and return this
+    rank's trainer state (``trainer_state-rankR.pt``). A collective: if any rank cannot read its
+    part, every rank raises (rather than the others training on and waiting for it)."""
+    loaded: dict[str, Any] = {}
+
+    def load() -> None:
+        loaded["state"] = checkpoint.load_state(step_dir, rank_state_name(engine.comm.rank))
+        shards.load_shards(engine, step_dir)
+
+    error = _attempt(load)
+    ranks = _failed_ranks(engine, error)
+    if isinstance(error, _DAMAGED):  # a damaged shard or layout file
+        raise UserError(f"corrupt or truncated engine shard files in {step_dir}: {error}") from None
+    if error is not None:  # a UserError naming its file, or a bug (not relabelled)
+        raise error
+    if ranks:
+        raise UserError(f"cannot resume from {step_dir}: rank {ranks} could not read its part")
+    return loaded["state"]

@@ -342,7 +342,11 @@ def main() -> None:
                     continue
             else:
                 spawn_args = (world, _free_port(), name, args, out)
-                mp.spawn(worker, args=spawn_args, nprocs=world, join=True)
+                try:
+                    mp.spawn(worker, args=spawn_args, nprocs=world, join=True)
+                except mp.ProcessRaisedException as exc:  # e.g. a budget too small: go on
+                    print(f"{name} failed: {str(exc).strip().splitlines()[-1]}", file=sys.stderr)
+                    continue
                 r = [torch.load(Path(out) / f"{name}-{i}.pt") for i in range(world)]
             # GPU: compared with the first mode's losses (bf16: a sanity check, not exactness).
             ref = refs[world] if refs else (rows[0][3] if rows else r[0])["losses"]

@@ -2,11 +2,14 @@
 # One short GPU session for the training engine (issue 4): the CUDA engine tests, then the
 # 2.8 B dense model (and its MoE twin) under Myriad's engine with offload, FSDP2 +
 # CPUOffloadPolicy and DeepSpeed ZeRO-2 / ZeRO-3 with CPU offload, in one run.
-# Usage: bash benchmarks/gpu_engine.sh OUT_DIR [STEPS]
+# Usage: [BUDGET_GB=31] bash benchmarks/gpu_engine.sh OUT_DIR [STEPS]
 # DeepSpeed and its missing dependencies travel as wheels in .whl/ (see docs/engine.md).
 set -u
 out=${1:?usage: gpu_engine.sh OUT_DIR [STEPS]}
 steps=${2:-4}
+# Myriad's device budget: below FSDP2 + offload's 31.7 GB peak in the issue ("at no more GPU
+# memory"); it covers everything the step allocates, activations included.
+budget=${BUDGET_GB:-31}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl > /dev/null 2>&1; then
@@ -24,7 +27,8 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py 2
 bench() {  # model, timeout, modes...
   local model=$1 limit=$2 start=$SECONDS; shift 2
   timeout "$limit" python3 benchmarks/engine.py --gpu --model "$model" --steps "$steps" \
-    --json "$out/engine_$model.json" --modes "$@" > "$out/engine_$model.txt" 2>&1
+    --budget-gb "$budget" --json "$out/engine_$model.json" --modes "$@" \
+    > "$out/engine_$model.txt" 2>&1
   echo "engine $model rc=$? wall $((SECONDS - start)) s"; tail -12 "$out/engine_$model.txt"
 }
 # The dense model against every peer; the MoE twin against the best of each.

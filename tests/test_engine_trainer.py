@@ -102,3 +102,35 @@ def test_two_ranks_through_run_pretrain(tmp_path, kind):
     c, _ = load_model_from_checkpoint(run / "rank-1")
     for (name, pa), (_, pc) in zip(a.state_dict().items(), c.state_dict().items(), strict=True):
         assert torch.equal(pa, pc), name
+
+
+def _resume_rank(rank: int, world: int, port: int, out: str) -> None:
+    """One ``torchrun``-style rank: a full fsdp2 run, one stopped during step 5, then its resume."""
+    from pathlib import Path
+
+    from test_engine_support import torchrun_env
+    from test_train_support import FakePrepared
+
+    import myriad.data
+
+    torchrun_env(rank, world, port)
+    torch.set_num_threads(1)
+    cfg = _config(EngineConfig(kind="fsdp2"))
+    for name, fail_at, resume in (("full", None, False), ("cut", 4, False), ("cut", None, True)):
+        myriad.data.prepare_data = lambda cfg, f=fail_at, **kw: FakePrepared(kw["out_dir"], f)  # type: ignore
+        try:
+            run_pretrain(cfg, Path(out) / name, resume=resume, log=_quiet)
+        except KeyboardInterrupt:  # the simulated stop, on every rank at the same batch
+            assert fail_at is not None
+
+
+def test_fsdp2_resume_is_exact(tmp_path):
+    """An fsdp2 run resumed from its step-3 checkpoint (optimizer state of DTensors) logs the
+    uninterrupted run's losses, bit for bit, on both ranks."""
+    from test_engine_support import spawn
+
+    spawn(_resume_rank, 2, str(tmp_path))
+    for rank_dir in ("", "rank-1"):
+        full = _losses(tmp_path / "full" / rank_dir / "metrics.jsonl")
+        assert len(full) == 6
+        assert _losses(tmp_path / "cut" / rank_dir / "metrics.jsonl") == full

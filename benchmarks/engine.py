@@ -26,11 +26,13 @@ twin of similar total size (every 2nd FFN is 8 experts of width 1024, top-2), bu
 the GPU, in one process: ``none`` (all on the GPU), ``myriad-offload`` (under ``--budget-gb``),
 ``myriad-offload-bf16`` (bf16 parameters, fp32 masters) and ``fsdp2-offload`` (``-bf16``); step
 time, TFLOP/s (6 x active parameters x tokens / step), peak GPU memory over the steps, host RSS
-per parameter. ``--json PATH`` also writes the rows. When DeepSpeed is installed, its ZeRO-2 and
-ZeRO-3 CPU-offload rows run in the same table (``benchmarks/engine_deepspeed.py``).
+per parameter, and for the offload modes the largest model host RAM holds at that RSS per
+parameter (extrapolated). ``--json PATH`` also writes the rows. When DeepSpeed is installed, its
+ZeRO-2 and ZeRO-3 CPU-offload rows run in the same table (``benchmarks/engine_deepspeed.py``).
+``benchmarks/gpu_engine.sh`` runs all of it in one GPU session.
 
 Run:  python benchmarks/engine.py [--steps 4] [--d-model 256] [--layers 4] [--modes ...]
-      python benchmarks/engine.py --gpu [--model dense|moe] [--steps 4] [--budget-gb 24]
+      python benchmarks/engine.py --gpu [--model dense|moe] [--steps 4] [--budget-gb 31]
 """
 
 from __future__ import annotations
@@ -323,7 +325,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="*", help="default: every mode of the chosen table")
     parser.add_argument("--gpu", action="store_true", help="the 2.8 B model on one GPU")
     parser.add_argument("--model", choices=("dense", "moe"), default="dense", help="GPU model")
-    parser.add_argument("--budget-gb", type=float, default=24.0, help="GPU: engine budget")
+    parser.add_argument("--budget-gb", type=float, default=31.0, help="GPU: engine budget")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--no-adam", action="store_true", help="skip the optimizer rate")
     args = parser.parse_args()
@@ -403,6 +405,20 @@ def _print_table(args: argparse.Namespace, rows: list) -> None:
             f"| {name} | {world} | {diff:.1e} | {r['step_s']:.3f} | {r['tflops']:.3f} | {gpu} "
             f"| {r['rss_per_param']:.1f} | {host} | {peak} | {ev} |"
         )
+    if args.gpu:  # what bounds the largest model with offload: host RAM per parameter
+        usable = 0.9 * _mem_total_bytes()
+        print(f"\nLargest model host RAM holds (90 % of {usable / 0.9 / 2**30:.0f} GiB / RSS per")
+        print("parameter, extrapolated from this model; the GPU budget must still fit a layer):")
+        for name, _, _, r in rows:
+            if name != "none":  # everything on the GPU: bound by GPU memory instead
+                print(f"  {name}: {usable / r['rss_per_param'] / 1e9:.1f} B parameters")
+
+
+def _mem_total_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def _free_port() -> int:

@@ -37,6 +37,7 @@ def _train_and_save(rank: int, world: int, port: int, out: str) -> None:
     full = engine.full_state_dict()
     if rank == 0:
         torch.save(full, Path(out) / "full.pt")
+    dist.barrier()  # neither rank tears gloo down while the other may still use it
     dist.destroy_process_group()
 
 

@@ -60,3 +60,13 @@ def test_budget_too_small_for_chunks_in_use():
     m.alloc(200)
     with pytest.raises(UserError, match="engine.device_budget_mb"):
         m.alloc(100)
+
+
+def test_payload_in_use_goes_home_when_nothing_else_frees_room():
+    moves: list = []
+    m = _manager(250, moves)
+    m.touch(0)  # warm-up: loaded, it fits
+    assert m.resident.keys() == {0} and m.used == 100
+    m.alloc(200, keep=0)  # its gathered chunk: only sending payload 0 home makes room
+    assert m.resident == {} and moves[-1] == (0, False) and m.used == 200
+    m.free(200)

@@ -278,7 +278,7 @@ def test_hidden_routing_reports_churn_too(tmp_path, monkeypatch):
 
 
 def test_shipped_wordroute_recipe_trains(tmp_path, shrink_shipped_recipe):
-    cfg = load_recipe("tiny-zh-wordroute", [*shrink_shipped_recipe, "train.freeze_routing_step=8"])
+    cfg = load_recipe("tiny-zh-wordroute", [*shrink_shipped_recipe, "train.freeze_routing_step=16"])
     assert cfg.model.moe.router_input == "routing_embedding" and cfg.model.moe.balanced_init
     result = run_pretrain(cfg, tmp_path / "run", log=lambda _: None)
     rows = _heldout(read_metrics(result.metrics_path))

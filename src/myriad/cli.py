@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from myriad.config import DEFAULT_RECIPE, build_config, load_recipe, to_dict
+    from myriad.engine import runtime as engine_runtime
     from myriad.train.pretrain import load_run_config, run_pretrain
 
     overrides = list(args.overrides)
@@ -100,6 +101,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     else:
         cfg = load_recipe(recipe, overrides)
     result = run_pretrain(cfg, out_dir, resume=args.resume)
+    engine_runtime.leave()
     print(
         "\nDone.\n"
         f"  checkpoint : {result.checkpoint}\n"

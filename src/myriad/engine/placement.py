@@ -163,15 +163,18 @@ class MemoryManager:
         limit = self._limit()
         if limit is not None:
             victims = self._plan(nbytes, limit, keep, -1)
+            if victims is None and keep in self.resident:
+                # Last resort: the payload in use goes home too; the gather stages its shard
+                # from there and the reduce adds into it there.
+                victims = self._plan(nbytes, limit, -1, -1)
+                self.counts["in_use_evictions"] += victims is not None and keep in victims
             if victims is None:
                 nonmodel = self.budget - limit if self.budget is not None else 0
-                kept = self.payload_bytes[keep] if keep in self.resident else 0
                 raise UserError(
                     f"engine.device_budget_mb={(self.budget or 0) / MB:g} is too small: the "
-                    f"chunks in use need {(self.transient + nbytes) / MB:.2f} MB, the payload "
-                    f"of the one being gathered {kept / MB:.2f} MB and the step's other "
-                    f"device memory (traced, with margin) {nonmodel / MB:.2f} MB; raise it or "
-                    "lower engine.chunk_mb"
+                    f"chunks in use need {(self.transient + nbytes) / MB:.2f} MB and the step's "
+                    f"other device memory (traced, with margin) {nonmodel / MB:.2f} MB; raise "
+                    "it or lower engine.chunk_mb"
                 )
             for victim in victims:
                 self._evict(victim)
@@ -374,4 +377,5 @@ COUNTERS = (
     "prefetch_hits",  # accesses served by a payload loaded ahead
     "prefetch_wasted",  # payloads loaded ahead and evicted before their use
     "host_accesses",  # accesses served from the host (not worth a load, or no budget room)
+    "in_use_evictions",  # payloads sent home while their chunk was being gathered (tight budget)
 )

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from myriad.engine.comm import Comm, init_distributed, local_device
@@ -83,6 +84,14 @@ def start(cfg: EngineConfig, device: torch.device) -> Runtime:
     return Runtime(cfg, comm, local_device(comm, device))
 
 
+def leave() -> None:
+    """After a successful run under ``torchrun``: tear the process group down while the
+    interpreter is fully alive, as PyTorch asks (not after a failure: peers may still be inside a
+    collective, and destroying would hang)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def wrap(
     runtime: Runtime, model: nn.Module, train: TrainConfig, run_forward: Callable[[], Any]
 ) -> tuple[torch.optim.Optimizer, Any]:
@@ -109,8 +118,6 @@ def wrap(
 
 
 def _wrap_fsdp2(runtime: Runtime, model: nn.Module, train: TrainConfig):
-    import torch.distributed as dist
-
     from myriad.engine import fsdp2
     from myriad.train.optim import build_optimizer
 

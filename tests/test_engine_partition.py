@@ -45,19 +45,27 @@ def test_budget_never_exceeded_and_evicts_every_step(runs, mode):
         assert all(n > 0 for n in r[mode]["evictions"]), r[mode]["evictions"]
 
 
-def test_one_process_same_class_no_collectives():
-    """World size 1 runs the same engine: chunks, hooks, optimizer; losses = reference."""
-    import torch
+def _one_process(budget_mb: float):
+    """``STEPS`` steps of the engine in one process under ``budget_mb``; its losses must equal
+    the reference's. Returns the model and the engine."""
     from test_engine_support import apply_engine, batches, build_model, make_step
 
     from myriad.engine.comm import Comm
 
     cfg = run_config()
     model = build_model(cfg)
-    engine = apply_engine(model, Comm(), chunk_mb=CHUNK_MB, device_budget_mb=0.5)
+    engine = apply_engine(model, Comm(), chunk_mb=CHUNK_MB, device_budget_mb=budget_mb)
     step_fn = make_step(model, cfg, engine)
     losses = [step_fn(batches(s, 1)).loss for s in range(STEPS)]
     assert losses == pytest.approx(reference_losses(cfg, world=1, steps=STEPS), rel=1e-5)
+    return model, engine
+
+
+def test_one_process_same_class_no_collectives():
+    """World size 1 runs the same engine: chunks, hooks, optimizer; losses = reference."""
+    import torch
+
+    model, engine = _one_process(0.5)
     assert engine.report()["chunks"] > 3
     assert all(p.untyped_storage().size() == 0 for p in model.parameters())  # all released
     assert torch.is_tensor(engine.store.chunks[0].shard_S)
@@ -66,15 +74,6 @@ def test_one_process_same_class_no_collectives():
 def test_tight_budget_sends_the_payload_in_use_home():
     """A budget where a gathered chunk fits only once its own payload has gone back to the host:
     the gather stages the shard from there, and the losses still equal the reference."""
-    from test_engine_support import apply_engine, batches, build_model, make_step
-
-    from myriad.engine.comm import Comm
-
-    cfg = run_config()
-    model = build_model(cfg)
-    engine = apply_engine(model, Comm(), chunk_mb=CHUNK_MB, device_budget_mb=0.2)
-    step_fn = make_step(model, cfg, engine)
-    losses = [step_fn(batches(s, 1)).loss for s in range(STEPS)]
-    assert losses == pytest.approx(reference_losses(cfg, world=1, steps=STEPS), rel=1e-5)
+    _, engine = _one_process(0.2)
     report = engine.report()
     assert report["in_use_evictions"] > 0 and report["peak_device_bytes"] <= report["budget_bytes"]

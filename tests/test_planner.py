@@ -90,17 +90,21 @@ def test_zero3_partitioning_and_expert_parallelism_at_scale():
     cfg = load_recipe("hunyuan-1t").model
     total = count_parameters(cfg).total
     geo, bf16 = Geometry(1, 2048, 1, 307), precision_for("auto", "cuda")
-    assert expert_parallel_degree(1536, 1024) == 768  # largest divisor of 1,536 up to 1,024
+    # EP groups must tile the GPUs and split the experts evenly, as the engine's do: gcd(E, n)
+    assert expert_parallel_degree(1536, 1024) == 512
+    assert expert_parallel_degree(1536, 768) == 768 and expert_parallel_degree(8, 12) == 4
+    assert expert_parallel_degree(1536, 1024, size=8) == 8  # engine.expert_parallel_size
+    assert expert_parallel_degree(1536, 1024, size=3) == 512  # 3 does not tile 1,024 GPUs
     none = device_memory(cfg, geo, bf16, "none", 1024)
     assert none.optimizer == math.ceil(total / 1024) * 12  # fp32 master + two Adam moments
     full = device_memory(cfg, geo, bf16, "full", 1024)
     assert full.optimizer == 0 and full.host_per_gpu == math.ceil(total / 1024) * 14
     # full offload keeps only the layers in flight: 2 gathered bf16 copies + 1 gradient of the
     # largest. Candidates: a dense block (q, o 4096^2 each, k, v 4096 x 1024 each, 2 norms,
-    # SwiGLU 3 x 4096 x 16384), an MoE block with its 1536/768 = 2 local experts, the embedding.
+    # SwiGLU 3 x 4096 x 16384), an MoE block with its 1536/512 = 3 local experts, the embedding.
     dense_block = 2 * 4096**2 + 2 * 4096 * 1024 + 2 * 4096 + 3 * 4096 * 16384
     moe_dense, moe_experts = layer_params(cfg)[1]
-    assert dense_block > max(moe_dense + moe_experts // 768, 49152 * 4096)
+    assert dense_block > max(moe_dense + moe_experts // 512, 49152 * 4096)
     assert full.params == 2 * dense_block * 2 and full.grads == dense_block * 2
 
 
@@ -226,6 +230,11 @@ def test_every_shipped_spec_loads_and_hunyuan_plans():
     assert full is not None and full.memory.n_gpus % 8 == 0  # whole DGX nodes
     assert full.memory.peak <= 0.9 * 80 * 2**30
     assert all(not m.peak <= 0.9 * 80 * 2**30 for m in plan.memory.values())  # 1 node: no
+    assert full.memory.expert_parallel == math.gcd(1536, full.memory.n_gpus)
+    keys = ["engine.expert_parallel=true", "engine.expert_parallel_size=2"]
+    pinned = make_plan(load_recipe("hunyuan-1t", keys), plan.spec)  # 8 GPUs: EP 8 by default
+    assert all(m.expert_parallel == 2 for m in pinned.memory.values())  # the recipe's EP groups
+    assert pinned.memory["none"].peak > plan.memory["none"].peak  # 768 experts a GPU, not 192
 
 
 def test_cli_plan_prints_every_mode(capsys):

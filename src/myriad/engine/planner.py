@@ -21,6 +21,7 @@ hidden, E experts, K top-k, R = T*K expert rows, V vocabulary.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from myriad.config import RunConfig
@@ -182,9 +183,13 @@ def layer_params(m: ModelConfig) -> list[tuple[int, int]]:
     return [kinds[m.is_moe_layer(i)] for i in range(m.n_layers)]
 
 
-def expert_parallel_degree(num_experts: int, n_gpus: int) -> int:
-    """The largest divisor of E that is at most n: experts split evenly, none split in two."""
-    return max(d for d in range(1, min(num_experts, n_gpus) + 1) if num_experts % d == 0)
+def expert_parallel_degree(num_experts: int, n_gpus: int, size: int = 0) -> int:
+    """Ranks per expert-parallel group as the engine forms them: ``size``
+    (``engine.expert_parallel_size``) where it divides both E and n, else the largest number
+    that does, gcd(E, n): experts split evenly, none in two, groups tiling the GPUs."""
+    if size > 0 and n_gpus % size == 0 and num_experts % size == 0:
+        return size
+    return math.gcd(num_experts, n_gpus)
 
 
 @dataclass(frozen=True)
@@ -230,11 +235,14 @@ def dynamic_peak(
     return max(points)
 
 
-def device_memory(m: ModelConfig, geo: Geometry, p: Precision, mode: str, n: int) -> DeviceMemory:
-    """Per-GPU memory of ``mode`` on ``n`` GPUs (ZeRO-3 partitioning plus expert parallelism)."""
+def device_memory(
+    m: ModelConfig, geo: Geometry, p: Precision, mode: str, n: int, ep_size: int = 0
+) -> DeviceMemory:
+    """Per-GPU memory of ``mode`` on ``n`` GPUs (ZeRO-3 partitioning plus expert parallelism in
+    groups of ``ep_size``, see :func:`expert_parallel_degree`)."""
     counts = count_parameters(m)
     blocks = layer_params(m)
-    ep = expert_parallel_degree(m.moe.num_experts, n) if counts.experts else 1
+    ep = expert_parallel_degree(m.moe.num_experts, n, ep_size) if counts.experts else 1
     # A layer is gathered (all-gathered or paged in) unless this GPU already holds all of it.
     gather_dense = n > 1 or mode == "full"
     gather_experts = ep < n or mode == "full"
@@ -292,14 +300,20 @@ def _collective_bandwidth(spec: ClusterSpec, n: int) -> float:
 
 
 def step_time(
-    m: ModelConfig, geo: Geometry, p: Precision, spec: ClusterSpec, mode: str, n: int
+    m: ModelConfig,
+    geo: Geometry,
+    p: Precision,
+    spec: ClusterSpec,
+    mode: str,
+    n: int,
+    ep_size: int = 0,
 ) -> StepTime:
     """Compute at ``MFU`` of the bf16 peak, plus the traffic each mode adds (ring collectives)."""
     per_seq = forward_flops(m, geo.seq_len, labelled_positions=geo.predicted / geo.batch)
     flops = 3 * per_seq.total * geo.batch * geo.micro_batches  # backward = 2 x forward
     compute = flops / (spec.gpu.bf16_tflops * 1e12 * MFU)
     counts = count_parameters(m)
-    ep = expert_parallel_degree(m.moe.num_experts, n) if counts.experts else 1
+    ep = expert_parallel_degree(m.moe.num_experts, n, ep_size) if counts.experts else 1
     dense, replicas = counts.total - counts.experts, n // ep
     traffic = 3 * dense * p.weight * (n - 1) / n  # gather forward and backward, reduce-scatter
     traffic += 3 * counts.experts / ep * p.weight * (replicas - 1) / replicas
@@ -335,7 +349,7 @@ def cluster_sizes(spec: ClusterSpec) -> list[int]:
 
 
 def smallest_fit(
-    m: ModelConfig, geo: Geometry, p: Precision, spec: ClusterSpec, mode: str
+    m: ModelConfig, geo: Geometry, p: Precision, spec: ClusterSpec, mode: str, ep_size: int = 0
 ) -> DeviceMemory | None:
     """The fewest GPUs on which ``mode`` fits, or None up to ``MAX_NODES`` nodes.
 
@@ -345,20 +359,20 @@ def smallest_fit(
     sizes = cluster_sizes(spec)
     partial = [s for s in sizes if s < spec.node.gpus]
     for size in partial:
-        mem = device_memory(m, geo, p, mode, size)
+        mem = device_memory(m, geo, p, mode, size, ep_size)
         if fits(mem, spec):
             return mem
     whole = sizes[len(partial) :]
     lo, hi = 0, len(whole) - 1
-    if not fits(device_memory(m, geo, p, mode, whole[hi]), spec):
+    if not fits(device_memory(m, geo, p, mode, whole[hi], ep_size), spec):
         return None
     while lo < hi:
         mid = (lo + hi) // 2
-        if fits(device_memory(m, geo, p, mode, whole[mid]), spec):
+        if fits(device_memory(m, geo, p, mode, whole[mid], ep_size), spec):
             hi = mid
         else:
             lo = mid + 1
-    return device_memory(m, geo, p, mode, whole[lo])
+    return device_memory(m, geo, p, mode, whole[lo], ep_size)
 
 
 def smaller_micro_batches(geo: Geometry) -> list[Geometry]:
@@ -404,15 +418,15 @@ def make_plan(cfg: RunConfig, spec: ClusterSpec) -> Plan:
     """
     m, geo = cfg.model, geometry_of(cfg)
     p = precision_for(cfg.train.precision, "cuda")
-    n = spec.num_gpus
-    memory = {mode: device_memory(m, geo, p, mode, n) for mode in MODES}
-    time = {mode: step_time(m, geo, p, spec, mode, n) for mode in MODES}
+    n, k = spec.num_gpus, cfg.engine.expert_parallel_size  # k = 0: the planner's choice
+    memory = {mode: device_memory(m, geo, p, mode, n, k) for mode in MODES}
+    time = {mode: step_time(m, geo, p, spec, mode, n, k) for mode in MODES}
     smallest: dict[str, Fit | None] = {}
     for mode in MODES:
         smallest[mode] = None
         for g in smaller_micro_batches(geo):
-            mem = smallest_fit(m, g, p, spec, mode)
+            mem = smallest_fit(m, g, p, spec, mode, k)
             if mem is not None:
-                smallest[mode] = Fit(mem, step_time(m, g, p, spec, mode, mem.n_gpus), g)
+                smallest[mode] = Fit(mem, step_time(m, g, p, spec, mode, mem.n_gpus, k), g)
                 break
     return Plan(cfg, spec, geo, p, memory, time, smallest)

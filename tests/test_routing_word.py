@@ -282,9 +282,7 @@ def test_shipped_wordroute_recipe_trains(tmp_path, shrink_shipped_recipe):
     assert cfg.model.moe.router_input == "routing_embedding" and cfg.model.moe.balanced_init
     result = run_pretrain(cfg, tmp_path / "run", log=lambda _: None)
     rows = _heldout(read_metrics(result.metrics_path))
-    assert [r["routing_churn"] for r in rows] == [
-        None,
-        pytest.approx(rows[1]["routing_churn"]),
-        0.0,
-    ]
+    churn = [r["routing_churn"] for r in rows]
+    assert churn[0] is None and 0.0 <= churn[1] <= 1.0  # before the freeze: measured
+    assert churn[2] == 0.0  # after it, every token id keeps its experts
     assert result.final_heldout_loss < result.first_heldout_loss

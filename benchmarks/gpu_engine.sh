@@ -11,13 +11,7 @@ steps=${2:-4}
 # memory"); it covers everything the step allocates, activations included.
 budget=${BUDGET_GB:-31}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-if ls .whl/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 free -g | head -2 | tee -a "$out/gpu.txt"
 

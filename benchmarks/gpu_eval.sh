@@ -8,13 +8,7 @@ set -u
 out=${1:?usage: gpu_eval.sh OUT_DIR [evaluate flags...]}
 shift
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-if ls .whl/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+source benchmarks/gpu_env.sh
 myriad() { python3 -c 'import sys; from myriad.cli import main; sys.exit(main())' "$@"; }
 work=/tmp/gpu-eval
 start=$SECONDS

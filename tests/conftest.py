@@ -10,6 +10,15 @@ def _deterministic_torch():
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread avoids thread hand-off cost on a busy shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def shrink_shipped_recipe() -> list[str]:
     """Overrides that turn a shipped tiny-zh-style recipe into a seconds-long CPU run."""
     return [

@@ -18,14 +18,7 @@ from myriad.model import ModelConfig, MoEConfig, MoETransformerLM
 from myriad.model.config import AttnReuseConfig
 from myriad.model.layers import Attention, apply_rotary, rotary_tables
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids thread hand-off cost on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(every: int = 2, p: float = 0.5, inference: str = "reuse", **kw) -> ModelConfig:

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_train_support import tiny_config, use_fake_data
+from test_train_support import max_logit_gap, tiny_config, use_fake_data
 
 from myriad.errors import UserError
 from myriad.model import ModelConfig, MoEConfig, MoETransformerLM
@@ -60,14 +60,6 @@ def _grow(small_cfg: ModelConfig, big_cfg: ModelConfig):
     return small, big
 
 
-def _gap(a: MoETransformerLM, b: MoETransformerLM) -> float:
-    ids_BS = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        la, lb = a(ids_BS).logits, b(ids_BS).logits
-    assert la is not None and lb is not None
-    return (la - lb).abs().max().item()
-
-
 @pytest.mark.parametrize(
     "dims",
     [
@@ -90,7 +82,7 @@ def _gap(a: MoETransformerLM, b: MoETransformerLM) -> float:
 def test_grown_model_computes_the_small_models_function(dims, variant):
     small_cfg = _small(**variant)
     small, big = _grow(small_cfg, _grown(small_cfg, **dims))
-    assert _gap(small, big) <= 1e-4
+    assert max_logit_gap(small, big) <= 1e-4
 
 
 def test_new_units_receive_gradient():

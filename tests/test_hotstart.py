@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_train_support import tiny_config, use_fake_data
+from test_train_support import max_logit_gap, tiny_config, use_fake_data
 
 from myriad.cli import build_parser
 from myriad.errors import UserError
@@ -53,20 +53,12 @@ def _upcycle(cfg: ModelConfig, method: str) -> tuple[MoETransformerLM, MoETransf
     return dense, moe
 
 
-def _max_logit_gap(a: MoETransformerLM, b: MoETransformerLM) -> float:
-    ids_BS = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        la, lb = a(ids_BS).logits, b(ids_BS).logits
-    assert la is not None and lb is not None
-    return (la - lb).abs().max().item()
-
-
 @pytest.mark.parametrize("every", [1, 2])
 def test_copy_upcycle_reproduces_the_dense_model(every):
     cfg = _cfg(every)
     assert cfg.moe.norm_topk and cfg.moe.top_k > 1  # combine weights sum to 1
     dense, moe = _upcycle(cfg, "copy")
-    assert _max_logit_gap(dense, moe) <= 1e-5
+    assert max_logit_gap(dense, moe) <= 1e-5
     # The router is new (random), not zero: routing still varies from token to token.
     assert moe.blocks[every - 1].ffn.router.weight.abs().sum() > 0
 
@@ -74,7 +66,7 @@ def test_copy_upcycle_reproduces_the_dense_model(every):
 @pytest.mark.parametrize("router_input", ["word", "routing_embedding"])
 def test_copy_upcycle_into_word_vector_routing(router_input):
     dense, moe = _upcycle(_cfg(2, router_input=router_input), "copy")  # the word router is new
-    assert _max_logit_gap(dense, moe) <= 1e-5
+    assert max_logit_gap(dense, moe) <= 1e-5
 
 
 def test_split_upcycle_is_exact_with_all_experts_and_a_uniform_router():
@@ -85,7 +77,7 @@ def test_split_upcycle_is_exact_with_all_experts_and_a_uniform_router():
     with torch.no_grad():
         for block in moe.blocks:
             block.ffn.router.weight.zero_()
-    assert _max_logit_gap(dense, moe) <= 1e-5
+    assert max_logit_gap(dense, moe) <= 1e-5
     w_out = moe.blocks[0].ffn.w_out_EFD
     assert not torch.equal(w_out[0], w_out[1])  # experts start different
 
@@ -96,7 +88,7 @@ def test_split_upcycle_top2_keeps_per_token_width_and_differs():
     gate = dense.blocks[0].ffn.gate.weight
     # Expert 1 holds units 16..47 of the dense gate, as the input half of w_in.
     torch.testing.assert_close(moe.blocks[0].ffn.w_in_EDF2[1, :, :32], gate[16:48].T)
-    assert _max_logit_gap(dense, moe) > 1e-3  # not exact with 2 of 4 experts: said so in docs
+    assert max_logit_gap(dense, moe) > 1e-3  # not exact with 2 of 4 experts: said so in docs
 
 
 def test_upcycle_errors_name_the_key():

@@ -22,14 +22,7 @@ from myriad.train import run_pretrain
 from myriad.train.metrics import read_metrics
 from myriad.train.routing_stats import RoutingMonitor, churn, token_counts
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids thread hand-off cost on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def word_cfg(router_input: str = "word", **moe) -> ModelConfig:

@@ -107,3 +107,12 @@ def use_fake_data(monkeypatch, fail_at: int | None = None) -> None:
         return FakePrepared(out_dir, fail_at)
 
     monkeypatch.setattr(myriad.data, "prepare_data", fake_prepare_data, raising=False)
+
+
+def max_logit_gap(a, b) -> float:
+    """Largest absolute logit difference of two models on one fixed batch (ids below 64)."""
+    ids_BS = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        la, lb = a(ids_BS).logits, b(ids_BS).logits
+    assert la is not None and lb is not None
+    return (la - lb).abs().max().item()

@@ -145,6 +145,21 @@ def test_real_stream_resume_is_bit_identical(data: PreparedData):
             assert _same(resumed.next_batch(), expected[k]), (stop, k)
 
 
+def test_real_stream_follow_continues_like_its_own_seed(data: PreparedData):
+    """A rank added on resume, mid-schedule: at seed 3's position, seed 4's stream."""
+
+    def stream(seed):
+        return data.curriculum_stream(data.train_stream(6, seed=seed), batches_per_step=2)
+
+    other, own, joined = stream(3), stream(4), stream(4)
+    for _ in range(7):
+        other.next_batch()
+        own.next_batch()
+    joined.follow(json.loads(json.dumps(other.state_dict())))
+    for _ in range(6):
+        assert _same(joined.next_batch(), own.next_batch())
+
+
 def test_length_order_puts_short_documents_first(data: PreparedData):
     scores = difficulty_scores(data._packed.ids_NS, "length", data.special_ids["sep"], [])
     ranked = rank_rows(scores, data.train_rows)

@@ -60,6 +60,21 @@ def test_resume_is_bit_identical_across_epoch_boundary(data: PreparedData):
             assert _same(resumed.next_batch(), expected[k]), (stop, k)
 
 
+def test_follow_takes_another_ranks_position_and_keeps_its_own_seed(data: PreparedData):
+    """A rank added on resume: seed 5's stream moved to seed 3's position after 4 batches
+    draws what seed 5's own stream draws after 4 batches."""
+    other, own = data.train_stream(7, seed=3), data.train_stream(7, seed=5)
+    for _ in range(4):
+        other.next_batch()
+        own.next_batch()
+    joined = data.train_stream(7, seed=5)
+    joined.follow(other.state_dict())
+    assert joined.state_dict() == own.state_dict()
+    assert _same(joined.next_batch(), own.next_batch())
+    with pytest.raises(UserError, match="num_sequences"):
+        joined.follow({**other.state_dict(), "num_sequences": 1})
+
+
 def test_epochs_visit_every_training_sequence_once(data: PreparedData):
     cfg = DataConfig(max_documents=200, seq_len=32, heldout_fraction=0.05)
     out = data.cache_dir.parents[1]  # same run folder: the cache is shared with the mlm run

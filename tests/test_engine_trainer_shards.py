@@ -1,7 +1,7 @@
 """The trainer's sharded checkpoints (``engine.kind = "myriad"``), 2 gloo ranks through
 ``run_pretrain``: what a step directory holds, exact resume, a write that fails on one rank,
 the single-process readers (weights, ``myriad info``, ``myriad export``, hot-start) against a
-1-process reference, and a resume with another world size refused.
+1-process reference, and resumes with another world size (1 and 4 ranks).
 
 One spawn runs, on both ranks: an uninterrupted run (``full``); a run whose step-6 save fails
 on rank 1 (``cut``: its shard write raises ``OSError``); and ``--resume`` of ``cut``.
@@ -142,8 +142,9 @@ def test_write_failure_on_one_rank_keeps_previous_checkpoint(runs):
         assert (runs / "cut" / "checkpoints" / STEP3 / name).read_bytes() == full
 
 
-def _reference_model():
-    """One process taking both ranks' batches as two micro-batches per step."""
+def _reference_model(worlds=(2,) * 6):
+    """One process taking every rank's batch as one micro-batch per step; ``worlds[i]``: the
+    number of ranks at step i + 1."""
     from test_engine_support import make_step
     from test_train_support import counting_batch
 
@@ -153,8 +154,11 @@ def _reference_model():
     torch.manual_seed(cfg.train.seed)
     model = MoETransformerLM(cfg.model)
     step_fn = make_step(model, cfg, None)
-    b, seeds = cfg.train.batch_size, (cfg.train.seed, cfg.train.seed + 1_000_003)
-    losses = [step_fn([counting_batch(b, s, i) for s in seeds]).loss for i in range(6)]
+    b, seed = cfg.train.batch_size, cfg.train.seed
+    losses = [
+        step_fn([counting_batch(b, seed + 1_000_003 * r, i) for r in range(world)]).loss
+        for i, world in enumerate(worlds)
+    ]
     return model, losses
 
 
@@ -203,17 +207,76 @@ def test_single_process_readers_match_reference(runs, tmp_path, capsys):
     assert info["weights"]["parameters"] == n_params + n_buffers
 
 
-def test_resume_with_another_world_size_is_refused(runs, monkeypatch):
-    use_fake_data(monkeypatch)
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    before = sorted(p.name for p in (runs / "full").iterdir())
-    with pytest.raises(UserError) as caught:
-        run_pretrain(_config(), runs / "full", resume=True, log=_quiet)
-    message = str(caught.value)
-    assert len(message.splitlines()) == 1
-    assert "with 1 process(es): it was written by 2" in message
-    assert "--init-from" in message and "myriad export" in message
-    assert sorted(p.name for p in (runs / "full").iterdir()) == before
+def _copy_at_step3(runs: Path, name: str) -> Path:
+    """A copy of the ``full`` run as it stood after its step-3 checkpoint."""
+    import shutil
+
+    run = runs / name
+    shutil.copytree(runs / "full", run)
+    shutil.rmtree(run / "checkpoints" / STEP6)
+    (run / "checkpoints" / "latest").write_text(STEP3 + "\n", encoding="utf-8")
+    return run
+
+
+def _resume_rank(rank: int, world: int, port: int, out: str) -> None:
+    from test_engine_support import torchrun_env
+    from test_train_support import FakePrepared
+
+    import myriad.data
+
+    torchrun_env(rank, world, port)
+    torch.set_num_threads(1)
+    myriad.data.prepare_data = lambda cfg, **kw: FakePrepared(kw["out_dir"])  # type: ignore
+    run_pretrain(_config(), Path(out), resume=True, log=_quiet)
+
+
+@pytest.mark.parametrize("world", [1, 4])
+def test_resume_with_another_world_size_reshards(runs, world, monkeypatch):
+    """2 ranks to step 3, then ``world`` ranks to step 6 (4: ranks 2 and 3 start at rank 0's
+    data position, and the experts spread over 4 ranks instead of 2) against one process that
+    takes 2, then ``world``, micro-batches per step: Adam moments and step counts survive."""
+    from test_engine_support import spawn
+
+    from myriad.train import load_model_from_checkpoint
+
+    run = _copy_at_step3(runs, f"elastic-{world}")
+    lines: list[str] = []
+    if world == 1:
+        use_fake_data(monkeypatch)
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+        run_pretrain(_config(), run, resume=True, log=lines.append)
+        assert "resume: 2 process(es) wrote step-000003, 1 resume it" in lines[0]
+    else:
+        spawn(_resume_rank, world, str(run))
+    ref, ref_losses = _reference_model((2, 2, 2, world, world, world))
+    assert _losses(run / "metrics.jsonl") == pytest.approx(ref_losses, rel=1e-5)
+    step6 = run / "checkpoints" / STEP6
+    assert checkpoint.shard_world(step6) == world
+    for r in range(world):  # every rank, added ones included, moved on from step 3's position
+        state = checkpoint.load_state(step6, f"trainer_state-rank{r}.pt")
+        assert state["step"] == 6 and state["data_stream"] == {"position": 6}
+    loaded, _ = load_model_from_checkpoint(run)
+    for name, value in ref.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_consolidated_checkpoint_resumes_with_its_own_world_size_only(tmp_path, monkeypatch):
+    """A consolidated checkpoint of 2 fsdp2 ranks: its optimizer state holds 2 ranks' shards."""
+    from myriad.train.shard_checkpoint import check_resume
+
+    (tmp_path / checkpoint.WEIGHTS).write_bytes(b"")
+    checkpoint.write_json(tmp_path / checkpoint.STATE_JSON, {"step": 3, "processes": 2})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert check_resume(tmp_path, "fsdp2") is None
+    with pytest.raises(UserError, match="holds consolidated weights.*--init-from"):
+        check_resume(tmp_path, "myriad")
+    for world in ("1", "4"):
+        monkeypatch.setenv("WORLD_SIZE", world)
+        with pytest.raises(UserError) as caught:
+            check_resume(tmp_path, "fsdp2")
+        message = str(caught.value)
+        assert f"with {world} process(es): it was written by 2" in message
+        assert "--init-from" in message and len(message.splitlines()) == 1
 
 
 def test_damaged_shard_file_is_a_one_line_error(runs, tmp_path, capsys):

@@ -79,6 +79,8 @@ class FakeStream:
     def load_state_dict(self, state: dict) -> None:
         self.position = int(state["position"])
 
+    follow = load_state_dict  # the state holds no seed
+
 
 class FakePrepared:
     def __init__(self, out_dir: Path, fail_at: int | None = None) -> None:

@@ -171,7 +171,16 @@ class CurriculumStream:
         return {"base": self.base.state_dict(), "curriculum_batches": self.batches}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "curriculum_batches" not in state:
-            raise UserError("cannot resume the data stream: it was saved without a curriculum")
+        self._check(state)
         self.base.load_state_dict(state["base"])
         self.batches = int(state["curriculum_batches"])
+
+    def follow(self, state: dict[str, Any]) -> None:
+        self._check(state)
+        self.base.follow(state["base"])
+        self.batches = int(state["curriculum_batches"])
+
+    @staticmethod
+    def _check(state: dict[str, Any]) -> None:
+        if "curriculum_batches" not in state:
+            raise UserError("cannot resume the data stream: it was saved without a curriculum")

@@ -135,7 +135,14 @@ class BatchStream:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at a saved position; refuses a state saved for other data or another seed."""
-        for key, mine in (("seed", self.seed), ("num_sequences", self.num_sequences)):
+        self._seek(state, ("seed", self.seed), ("num_sequences", self.num_sequences))
+
+    def follow(self, state: dict[str, Any]) -> None:
+        """Move to another rank's saved position (same data and batch size, another seed)."""
+        self._seek(state, ("num_sequences", self.num_sequences))
+
+    def _seek(self, state: dict[str, Any], *guards: tuple[str, int]) -> None:
+        for key, mine in guards:
             if state.get(key) != mine:
                 raise UserError(
                     f"cannot resume the data stream: it was saved with {key}={state.get(key)!r}, "

@@ -38,6 +38,9 @@ class BatchStream(Protocol):
     def next_batch(self) -> Batch: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def follow(self, state: dict[str, Any]) -> None:
+        """Move to the position of ``state``, saved by another rank's stream (same data, its
+        own seed): a rank added on resume continues where the others are."""
 
 
 @dataclass
@@ -108,7 +111,7 @@ def save(loop: Loop, progress: Progress, keep: int) -> Path:
     stream_state = loop.stream.state_dict()
     state = trainer_state(progress, optimizer, scheduler, stream_state, moments=engine is None)
     state["routing_monitor"] = loop.routing.state_dict()
-    human = summary(progress, optimizer.param_groups[0]["lr"])
+    human = summary(progress, optimizer.param_groups[0]["lr"], loop.step_fn.sync.world)
     if engine is not None:
         return save_sharded_checkpoint(
             loop.checkpoint_root,

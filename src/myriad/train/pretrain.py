@@ -45,6 +45,8 @@ RESUMABLE_CHANGES = frozenset(
         "engine.prefetch_mb",
         "engine.timeout_s",
         "engine.backend",
+        "engine.chunk_mb",  # engine shards are read by parameter name, whatever the layout
+        "engine.expert_parallel_size",
     }
 )
 RUN_MARKERS = ("config.json", "checkpoints", "metrics.jsonl")
@@ -208,15 +210,20 @@ def build_loop(cfg: RunConfig, out_dir: Path, prepared: PreparedData) -> Loop:
 def _restore(loop: Loop, step_dir: Path) -> Progress:
     """Weights, optimizer, schedule, data position, then the RNGs (last, so nothing moves them).
 
-    A sharded checkpoint: this rank's shards and moments, and its own trainer state."""
+    A sharded checkpoint: this rank's shards and moments, and its own trainer state (a rank the
+    checkpoint lacks: rank 0's, with its own data stream moved to rank 0's position)."""
     engine = engine_runtime.sharding_engine(loop.step_fn.sync)
+    own = True
     if engine is not None and checkpoint.shard_world(step_dir) is not None:
-        state = shard_checkpoint.load_rank(engine, step_dir)
+        state, own = shard_checkpoint.load_rank(engine, step_dir)
     else:
         checkpoint.load_weights(loop.model, step_dir)
         state = checkpoint.load_state(step_dir)
     progress = restore_trainer_state(state, loop.step_fn.optimizer, loop.step_fn.scheduler)
-    loop.stream.load_state_dict(state["data_stream"])
+    if own:
+        loop.stream.load_state_dict(state["data_stream"])
+    else:
+        loop.stream.follow(state["data_stream"])
     loop.routing.load_state_dict(state.get("routing_monitor"))
     restore_rng(state["rng"])
     return progress
@@ -279,7 +286,8 @@ def run_pretrain(
     root = shard_checkpoint.checkpoint_root(out_dir, cfg.engine.kind)
     resume_from = _check_out_dir(out_dir, resume, root)
     if resume_from is not None:
-        shard_checkpoint.check_resume(resume_from, cfg.engine.kind)
+        if change := shard_checkpoint.check_resume(resume_from, cfg.engine.kind):
+            log(change)
         saved = checkpoint.read_json(resume_from / checkpoint.CONFIG)
         for key in _check_resume_config(saved, to_dict(cfg), resume_from):
             log(f"resume: {key} changed from {_get(saved, key)!r} to {_get(to_dict(cfg), key)!r}")

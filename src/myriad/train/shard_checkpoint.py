@@ -47,9 +47,14 @@ def checkpoint_root(out_dir: Path, kind: str) -> Path:
     return out_dir / "checkpoints"
 
 
-def check_resume(step_dir: Path, kind: str) -> None:
-    """Refuse to resume with another number of processes than wrote the checkpoint: its shards
-    and per-rank trainer states (data position, RNG) belong to that many ranks."""
+def check_resume(step_dir: Path, kind: str) -> str | None:
+    """Refuse a resume the checkpoint cannot serve; describe a change of world size.
+
+    Engine shards reshard to any number of processes (``shards.load_shards``: parameters and
+    Adam moments, expert rows included). Each rank keeps its own data position and RNG; a rank
+    the checkpoint lacks takes rank 0's (see :func:`load_rank`). Returns a line for the log
+    when the world size changes, else None.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     written = checkpoint.shard_world(step_dir)
     if written is None:
@@ -58,13 +63,25 @@ def check_resume(step_dir: Path, kind: str) -> None:
                 f"cannot resume {step_dir} with {world} processes: it holds consolidated weights, "
                 f"not engine shards; start a new run from it with --init-from {step_dir}"
             )
-        return
-    if written != world:
-        raise UserError(
-            f"cannot resume {step_dir} with {world} process(es): it was written by {written}; "
-            f"resume with {written}, or start a new run from its weights with --init-from "
-            f"{step_dir} (or consolidate them: myriad export {step_dir} --out FILE)"
-        )
+        wrote = checkpoint.read_json(step_dir / checkpoint.STATE_JSON).get("processes", world)
+        if wrote != world:  # e.g. fsdp2: its optimizer state holds that many ranks' shards
+            raise UserError(
+                f"cannot resume {step_dir} with {world} process(es): it was written by {wrote}, "
+                f"and only engine.kind = 'myriad' reshards on resume; resume with {wrote}, or "
+                f"start a new run from its weights with --init-from {step_dir}"
+            )
+        return None
+    if written == world:
+        return None
+    data = (
+        f"the data streams of ranks >= {world} end"
+        if world < written
+        else f"ranks >= {written} start at rank 0's data position"
+    )
+    return (
+        f"resume: {written} process(es) wrote {step_dir.name}, {world} resume it; "
+        f"parameters and Adam moments reshard, {data}"
+    )
 
 
 def save_sharded_checkpoint(
@@ -169,14 +186,20 @@ def _all_or_none(engine: Any, final: Path, tmp: Path, action: Callable[[], None]
     ) from error
 
 
-def load_rank(engine: Any, step_dir: Path) -> dict[str, Any]:
+def load_rank(engine: Any, step_dir: Path) -> tuple[dict[str, Any], bool]:
     """Fill ``engine``'s shards and Adam moments from ``step_dir``'s shard files, and return this
-    rank's trainer state (``trainer_state-rankR.pt``). A collective: if any rank cannot read its
-    part, every rank raises (rather than the others training on and waiting for it)."""
+    rank's trainer state (``trainer_state-rankR.pt``) and whether it is this rank's own.
+
+    A rank beyond the world that wrote the checkpoint gets rank 0's state (schedule, RNG, data
+    position, all alike across ranks but the data seed); the caller moves its own data stream
+    to that position. A collective: if any rank cannot read its part, every rank raises (rather
+    than the others training on and waiting for it)."""
+    rank = engine.comm.rank
+    own = rank < (checkpoint.shard_world(step_dir) or 1)
     loaded: dict[str, Any] = {}
 
     def load() -> None:
-        loaded["state"] = checkpoint.load_state(step_dir, rank_state_name(engine.comm.rank))
+        loaded["state"] = checkpoint.load_state(step_dir, rank_state_name(rank if own else 0))
         shards.load_shards(engine, step_dir)
 
     error = _attempt(load)
@@ -187,4 +210,4 @@ def load_rank(engine: Any, step_dir: Path) -> dict[str, Any]:
         raise error
     if ranks:
         raise UserError(f"cannot resume from {step_dir}: rank {ranks} could not read its part")
-    return loaded["state"]
+    return loaded["state"], own

@@ -116,8 +116,8 @@ def restore_trainer_state(
     )
 
 
-def summary(progress: Progress, lr: float) -> dict[str, Any]:
-    """The human-readable ``trainer_state.json``."""
+def summary(progress: Progress, lr: float, processes: int) -> dict[str, Any]:
+    """The human-readable ``trainer_state.json`` (``processes``: the run's world size)."""
     import datetime
 
     return {
@@ -125,6 +125,7 @@ def summary(progress: Progress, lr: float) -> dict[str, Any]:
         "tokens_seen": progress.tokens_seen,
         "elapsed_s": round(progress.elapsed, 3),
         "lr": lr,
+        "processes": processes,
         **progress.last,
         "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch_version": torch.__version__,

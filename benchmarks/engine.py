@@ -24,7 +24,8 @@ GPU (``--gpu``): the issue's 2.8 B dense Llama-like model (hidden 3072, 26 layer
 heads, 8 KV heads, vocab 32000, batch 4 x 2048, bf16 autocast), or with ``--model moe`` its MoE
 twin of similar total size (every 2nd FFN is 8 experts of width 1024, top-2), built directly on
 the GPU, in one process: ``none`` (all on the GPU), ``myriad-offload`` (under ``--budget-gb``),
-``myriad-offload-bf16`` (bf16 parameters, fp32 masters) and ``fsdp2-offload`` (``-bf16``); step
+``myriad-offload-bf16`` (bf16 parameters, fp32 masters; ``-serial``: without
+``engine.overlap_step``) and ``fsdp2-offload`` (``-bf16``); step
 time, TFLOP/s (6 x active parameters x tokens / step), peak GPU memory over the steps, host RSS
 per parameter, and for the offload modes the largest model host RAM holds at that RSS per
 parameter (extrapolated). ``--json PATH`` also writes the rows. When DeepSpeed is installed, its
@@ -84,6 +85,8 @@ GPU_MODES: dict[str, tuple[int, dict[str, Any]]] = {
     "none": (1, {}),
     "myriad-offload": (1, GPU_MYRIAD),
     "myriad-offload-bf16": (1, {**GPU_MYRIAD, **BF16}),
+    # the optimizer step of host payloads not overlapped with the next forward (auto: it is)
+    "myriad-offload-bf16-serial": (1, {**GPU_MYRIAD, **BF16, "overlap_step": "off"}),
     "fsdp2-offload": (1, {"kind": "fsdp2", "cpu_offload": True}),
     "fsdp2-offload-bf16": (1, {"kind": "fsdp2", "cpu_offload": True, **BF16}),
     "deepspeed-zero2-offload": (1, {"stage": 2}),  # benchmarks/engine_deepspeed.py, if installed

@@ -1,10 +1,11 @@
 """On a CUDA device: the engine with host offload (pinned memory, mixed-device AdamW), non-model
-memory traced by the allocator probe and payloads prefetched on a side stream gives the plain
-model's losses, and the device's real peak after the warm-up stays under the budget. Skipped
-without CUDA."""
+memory traced by the allocator probe, payloads prefetched on a side stream and the host payloads'
+optimizer step overlapped with the next forward gives the plain model's losses, and the device's
+real peak after the warm-up stays under the budget. Skipped without CUDA."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 
@@ -85,3 +86,7 @@ def test_cuda_offload_prefetch_matches_plain_model_under_budget():
     assert report["device_peak"] <= report["budget_bytes"]  # everything, not only managed
     assert report["evictions"] > 0 and report["prefetch_hits"] > 0
     assert report["tiers"] == {"cpu", "cuda"} and report["pinned"]
+    # auto on CUDA: host payloads' Adam overlaps the next forward, with the serial step's result
+    assert report["overlapped_updates"] > 0
+    serial, _ = _losses(dataclasses.replace(cfg, overlap_step="off"))
+    assert losses == serial

@@ -13,11 +13,18 @@ from test_engine_support import reference_losses, run_config, run_engine
 STEPS = 4
 CHUNK_MB = 0.02  # 5,120 fp32 elements: the tiny model spans several chunks
 BUDGET_MB = 0.35  # fits the chunks in use plus a few payloads: evicts every step
+OVERLAP_BUDGET_MB = 0.2  # ... and leaves payloads on the host at the optimizer step
 MODES = {
     "partition": {"chunk_mb": CHUNK_MB},
     "offload": {"chunk_mb": CHUNK_MB, "device_budget_mb": BUDGET_MB},
     "expert_parallel": {"chunk_mb": CHUNK_MB, "expert_parallel": True},
     "all": {"chunk_mb": CHUNK_MB, "device_budget_mb": BUDGET_MB, "expert_parallel": True},
+    "all_overlapped": {  # host payloads' Adam in a background thread (test_engine_overlap.py)
+        "chunk_mb": CHUNK_MB,
+        "device_budget_mb": OVERLAP_BUDGET_MB,
+        "expert_parallel": True,
+        "overlap_step": "on",
+    },
 }
 
 
@@ -35,13 +42,15 @@ def test_two_ranks_match_single_process(runs, mode):
         assert r[mode]["losses"] == pytest.approx(ref, rel=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["offload", "all"])
+@pytest.mark.parametrize("mode", ["offload", "all", "all_overlapped"])
 def test_budget_never_exceeded_and_evicts_every_step(runs, mode):
     ranks, _ = runs
     for r in ranks:
         report = r[mode]["report"]
+        assert (report["overlapped_updates"] > 0) == (mode == "all_overlapped")
         assert 0 < report["peak_device_bytes"] <= report["budget_bytes"]
-        assert report["budget_bytes"] == int(BUDGET_MB * (1 << 20))
+        budget = OVERLAP_BUDGET_MB if mode == "all_overlapped" else BUDGET_MB
+        assert report["budget_bytes"] == int(budget * (1 << 20))
         assert all(n > 0 for n in r[mode]["evictions"]), r[mode]["evictions"]
 
 

@@ -41,15 +41,29 @@ def test_myriad_engine_matches_no_engine(tmp_path, monkeypatch):
         torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_myriad_engine_resume_is_exact(tmp_path, monkeypatch):
+@pytest.mark.parametrize("overlap", ["off", "on"])
+def test_myriad_engine_resume_is_exact(tmp_path, monkeypatch, overlap, one_thread):
+    """``on``: checkpoints wait for the overlapped updates (test_engine_overlap.py)."""
+    from myriad.engine.overlap import UpdateWorker
+
+    engine = dataclasses.replace(ENGINE, overlap_step=overlap)
+    submitted = []
+    real_submit = UpdateWorker.submit
+    monkeypatch.setattr(
+        UpdateWorker, "submit", lambda self, *a: (submitted.append(a[0]), real_submit(self, *a))
+    )
     use_fake_data(monkeypatch)
-    full = run_pretrain(_config(ENGINE), tmp_path / "full", log=_quiet)
+    full = run_pretrain(_config(engine), tmp_path / "full", log=_quiet)
     use_fake_data(monkeypatch, fail_at=4)  # stops during step 5, after the step-3 checkpoint
     with pytest.raises(KeyboardInterrupt):
-        run_pretrain(_config(ENGINE), tmp_path / "cut", log=_quiet)
+        run_pretrain(_config(engine), tmp_path / "cut", log=_quiet)
     use_fake_data(monkeypatch)
-    resumed = run_pretrain(_config(ENGINE), tmp_path / "cut", resume=True, log=_quiet)
+    resumed = run_pretrain(_config(engine), tmp_path / "cut", resume=True, log=_quiet)
     assert _losses(resumed.metrics_path) == _losses(full.metrics_path)
+    assert bool(submitted) == (overlap == "on")
+    if overlap == "on":
+        serial = run_pretrain(_config(ENGINE), tmp_path / "serial", log=_quiet)
+        assert _losses(full.metrics_path) == _losses(serial.metrics_path)
 
 
 def _pretrain_rank(rank: int, world: int, port: int, out: str, kind: str) -> None:

@@ -196,7 +196,8 @@ class ChunkStore:
             self.gather(chunk)
             assert chunk.full_C is not None
             return chunk.full_C
-        assert chunk.shard_S is not None
+        assert chunk.shard_S is not None and self.manager is not None
+        self.manager.ready(chunk.index)
         master_C = torch.empty(chunk.capacity, dtype=MASTER, device=self.device)
         chunk.comm.all_gather(master_C, chunk.shard_S.data.to(self.device))
         return master_C

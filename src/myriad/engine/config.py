@@ -8,6 +8,7 @@ from myriad.errors import UserError
 
 ENGINE_KINDS = ("none", "myriad", "fsdp2")
 DTYPE_NAMES = ("float32", "bfloat16")  # engine.param_dtype / engine.reduce_dtype
+SWITCHES = ("auto", "on", "off")  # engine.overlap_step
 
 
 @dataclass(kw_only=True)
@@ -30,6 +31,9 @@ class EngineConfig:
     prefetch_mb: float = 256.0  # payload bytes loaded ahead of use after the warm-up; 0 = off
     param_dtype: str = "float32"  # gathered parameters and compute: "float32" or "bfloat16"
     reduce_dtype: str = "float32"  # gradient reduce-scatter and gradient shard: same choices
+    # host-resident payloads' Adam in a background thread, during the next forward: "auto" (on
+    # with CUDA, where the GPU would idle through it), "on" or "off"
+    overlap_step: str = "auto"
 
     def validate(self) -> None:
         """Reject inconsistent values with a message naming the key."""
@@ -47,6 +51,7 @@ class EngineConfig:
             (self.prefetch_mb >= 0, "engine.prefetch_mb must be >= 0"),
             (self.param_dtype in DTYPE_NAMES, f"engine.param_dtype must be one of {DTYPE_NAMES}"),
             (self.reduce_dtype in DTYPE_NAMES, f"engine.reduce_dtype must be one of {DTYPE_NAMES}"),
+            (self.overlap_step in SWITCHES, f"engine.overlap_step must be one of {SWITCHES}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -23,6 +23,7 @@ from myriad.engine.groups import ExpertGroups
 from myriad.engine.hooks import Hooks, trace_first_use
 from myriad.engine.hostmem import home_tensors
 from myriad.engine.optim import ShardAdamW
+from myriad.engine.overlap import UpdateWorker
 from myriad.engine.placement import MB, MemoryManager
 from myriad.engine.precision import Precision
 from myriad.engine.prefetch import device_probe
@@ -43,6 +44,11 @@ class Engine:
         self.expert_groups: ExpertGroups | None = None  # EP / expert data-parallel groups
         self.param_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
         self.host_home: dict[int, list[torch.Tensor]] = {}  # chunk -> its payload's host copy
+        self.updates = UpdateWorker()  # host payloads' updates overlapped with the next forward
+        self.overlap = cfg.overlap_step == "on" or (
+            cfg.overlap_step == "auto" and device.type == "cuda"
+        )
+        self._forward_order: list[int] = []
 
     # --- the training step's interface (``myriad.train.step.GradSync``) ----------------------
     @property
@@ -50,7 +56,12 @@ class Engine:
         return self.comm.world
 
     def finish_backward(self) -> None:
+        self.synchronize()
         self.store.finish_backward()
+
+    def synchronize(self) -> None:
+        """Wait for every overlapped update: all payloads hold this step's values."""
+        self.updates.wait_all()
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
@@ -58,6 +69,7 @@ class Engine:
 
         The squares are summed in fp32 whatever the gradient shard's dtype (one shard's upcast
         at a time); the scaling happens in place, in that dtype."""
+        self.synchronize()
         grads = [c.grad_S for c in self.store.chunks]
         sq = torch.zeros((), dtype=torch.float32, device=self.device)
         for g in grads:
@@ -79,6 +91,7 @@ class Engine:
 
         For tests and small models; checkpoints use ``shards.save_shards`` instead.
         """
+        self.synchronize()
         out: dict[str, torch.Tensor] = {}
         for chunk in self.store.chunks:
             master_C = self.store.gather_master(chunk)  # fp32 masters, whatever param_dtype
@@ -104,6 +117,7 @@ class Engine:
             "chunk_numel": max((c.capacity for c in chunks), default=0),
             "world": self.comm.world,
             "expert_parallel_size": self.expert_groups.size if self.expert_groups else 0,
+            "overlapped_updates": self.updates.submitted,
             **self.manager.report(),
         }
 
@@ -129,6 +143,8 @@ class Engine:
                 for c in self.store.chunks
                 if c.shard_S is not None and c.grad_S is not None and c.shard_S.grad is None
             },
+            later=self._overlapped_shards if self.overlap else None,
+            worker=self.updates,
         )
         self.optimizer = optimizer
         for cid, home in self.host_home.items():  # host payloads: moments into their homes too
@@ -136,6 +152,17 @@ class Engine:
             if shard_S is not None and shard_S.data_ptr() == home[0].data_ptr():
                 self.move_payload(cid, False)
         return optimizer
+
+    def _overlapped_shards(self) -> dict[torch.Tensor, int]:
+        """Host-resident shards (after the warm-up) -> chunk id, in the forward's order of use."""
+        manager = self.manager
+        if manager.tracing:
+            return {}
+        chunks = self.store.chunks
+        if not self._forward_order:  # first uses in the warm-up trace, then any never used
+            self._forward_order = list(dict.fromkeys(manager.trace + list(range(len(chunks)))))
+        host = [(chunks[c].shard_S, c) for c in self._forward_order if c not in manager.resident]
+        return {shard_S: c for shard_S, c in host if shard_S is not None}
 
     def _before_step(self) -> None:
         for chunk in self.store.chunks:
@@ -151,6 +178,7 @@ class Engine:
         whole payload (moments included, even before the optimizer exists) are one exact-size
         allocation (``hostmem``), allocated once.
         """
+        self.updates.wait(cid)
         chunk = self.store.chunks[cid]
         assert chunk.shard_S is not None and chunk.grad_S is not None
         tensors = [chunk.shard_S, chunk.grad_S]  # grad_S is shard_S.grad unless low-precision
@@ -239,6 +267,7 @@ def apply(
         prefetch_bytes=int(cfg.prefetch_mb * MB),
     )
     store.manager = engine.manager
+    engine.manager.wait_update = engine.updates.wait
     engine.store = store
     engine.manager.place_initial()
     engine.hooks = Hooks(store, order)

@@ -9,16 +9,24 @@ on the device, host-resident ones by the vectorised CPU kernel, in one call.
 With a low-precision gradient shard (``engine.reduce_dtype = "bfloat16"``) the shard is not the
 master's ``.grad`` (the kernel needs one dtype): the step upcasts one shard's gradient at a time
 and runs the same kernel on that shard, so the fp32 copy of the gradients never exists whole.
+
+With ``engine.overlap_step`` the host-resident shards are updated later, by a background thread
+(``overlap.py``), with the same kernel, one shard at a time, so the result is the same.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 from torch.optim.adamw import adamw
+
+from myriad.engine.overlap import UpdateWorker
+
+HYPER = ("lr", "betas", "weight_decay", "eps", "maximize", "foreach", "capturable", "fused")
 
 
 class ShardAdamW(torch.optim.AdamW):
@@ -39,12 +47,17 @@ class ShardAdamW(torch.optim.AdamW):
         before_step: Callable[[], None],
         after_step: Callable[[], None],
         low_grads: dict[torch.Tensor, torch.Tensor] | None = None,
+        later: Callable[[], dict[torch.Tensor, int]] | None = None,
+        worker: UpdateWorker | None = None,
     ) -> None:
         fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
         super().__init__(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
         self._before, self._after = before_step, after_step
         self.low_grads = low_grads or {}
         self._update = self._step_upcast if self.low_grads else super().step
+        self._later = later  # shard -> chunk id of the updates to overlap (``overlap.py``)
+        self._worker = worker
+        self._in_flight: set[torch.Tensor] = set()  # their gradients are zeroed by the worker
         for group in self.param_groups:
             for p in group["params"]:
                 self.state[p] = {
@@ -56,41 +69,79 @@ class ShardAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
         self._before()
-        out = self._update(closure)
+        later = self._later() if self._later is not None else {}
+        self._in_flight = set(later)
+        out = None
+        if later:
+            self._step_overlapped(later)
+        else:
+            out = self._update(closure)
         self._after()
         return out
+
+    def _step_overlapped(self, later: dict[torch.Tensor, int]) -> None:
+        """Step the shards not in ``later`` now; queue the others, in ``later``'s order, with
+        this step's hyper-parameters (the schedule moves the group's lr before they run)."""
+        assert self._worker is not None
+        queued: list[tuple[torch.Tensor, dict[str, Any]]] = []
+        for group in self.param_groups:
+            hyper = {k: group[k] for k in HYPER}
+            now = [p for p in group["params"] if p not in later]
+            if now:
+                self._adamw(now, hyper)
+            queued += [(p, hyper) for p in group["params"] if p in later]
+        position = {p: i for i, p in enumerate(later)}
+        queued.sort(key=lambda item: position[item[0]])
+        for p, hyper in queued:
+            self._worker.submit(later[p], partial(self._update_and_zero, p, hyper))
+
+    def _adamw(self, params: list[torch.Tensor], hyper: dict[str, Any]) -> None:
+        """AdamW on ``params`` (low-precision gradients upcast one shard at a time)."""
+        if any(p in self.low_grads for p in params):
+            for p in params:
+                self._adamw_on([p], [self.low_grads[p].to(p.dtype)], hyper)
+        else:
+            self._adamw_on(params, [p.grad for p in params], hyper)
+
+    def _adamw_on(self, params: list, grads: list, hyper: dict[str, Any]) -> None:
+        states = [self.state[p] for p in params]
+        adamw(
+            params,
+            grads,
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [],
+            [s["step"] for s in states],
+            foreach=hyper["foreach"],
+            capturable=hyper["capturable"],
+            differentiable=False,
+            fused=hyper["fused"],
+            amsgrad=False,
+            beta1=hyper["betas"][0],
+            beta2=hyper["betas"][1],
+            lr=hyper["lr"],
+            weight_decay=hyper["weight_decay"],
+            eps=hyper["eps"],
+            maximize=hyper["maximize"],
+        )
+
+    def _update_and_zero(self, p: torch.Tensor, hyper: dict[str, Any]) -> None:
+        self._adamw([p], hyper)
+        grad = self.low_grads.get(p, p.grad)
+        if grad is not None:
+            grad.zero_()
 
     def _step_upcast(self, closure: Any = None) -> None:
         """One shard at a time: its gradient upcast to the master's dtype, then AdamW on it."""
         assert closure is None, "ShardAdamW with low-precision gradients takes no closure"
         for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state[p]
-                grad_S = self.low_grads[p].to(p.dtype)
-                adamw(
-                    [p],
-                    [grad_S],
-                    [state["exp_avg"]],
-                    [state["exp_avg_sq"]],
-                    [],
-                    [state["step"]],
-                    foreach=group["foreach"],
-                    capturable=group["capturable"],
-                    differentiable=group["differentiable"],
-                    fused=group["fused"],
-                    amsgrad=False,
-                    beta1=group["betas"][0],
-                    beta2=group["betas"][1],
-                    lr=group["lr"],
-                    weight_decay=group["weight_decay"],
-                    eps=group["eps"],
-                    maximize=group["maximize"],
-                )
-                del grad_S
+            self._adamw(group["params"], {k: group[k] for k in HYPER})
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for group in self.param_groups:
             for p in group["params"]:
+                if p in self._in_flight:
+                    continue
                 grad = self.low_grads.get(p, p.grad)
                 if grad is not None:
                     grad.zero_()

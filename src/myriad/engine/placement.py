@@ -94,6 +94,8 @@ class MemoryManager:
         self.seen_nonmodel = 0  # the warm-up's highest non-model reading so far
         self.warmup_device_peak = 0  # the probe's highest reading (all device memory)
         self.room: list[int] = []  # per position, after the warm-up: most managed bytes
+        # waits for a payload's overlapped optimizer update before it is read (``overlap.py``)
+        self.wait_update: Callable[[int], None] = lambda cid: None
 
     @property
     def used(self) -> int:
@@ -194,6 +196,7 @@ class MemoryManager:
     def touch(self, cid: int) -> None:
         """Payload ``cid`` is about to be used: record it, bring it to the device when that is
         worth it, then load the next payloads ahead."""
+        self.wait_update(cid)
         self.clock += 1
         if self.tracing:
             self._sample()  # closes the previous position's interval
@@ -216,6 +219,7 @@ class MemoryManager:
 
     def ready(self, cid: int) -> None:
         """Payload ``cid``'s tensors are about to be read outside ``touch`` (a gather)."""
+        self.wait_update(cid)
         self.transfers.ready(cid)
 
     def settle(self) -> None:

@@ -98,6 +98,7 @@ def _layout(engine: Engine) -> dict[str, Any]:
 
 def save_shards(engine: Engine, directory: Path) -> Path:
     """Write this rank's shards and layout into ``directory``; returns the layout file."""
+    engine.synchronize()
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     state = engine.optimizer.state if hasattr(engine, "optimizer") else {}
@@ -202,6 +203,7 @@ class ShardReader:
 @torch.no_grad()
 def load_shards(engine: Engine, directory: Path) -> None:
     """Fill ``engine``'s shards (and moments) from a checkpoint of any world size."""
+    engine.synchronize()
     reader = ShardReader(directory)
     state = engine.optimizer.state if hasattr(engine, "optimizer") else {}
     kinds = KINDS if reader.has_moments() and state else ("param",)

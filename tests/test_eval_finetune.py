@@ -11,6 +11,7 @@ import torch
 
 from myriad.cli import main
 from myriad.config import RunConfig, to_dict
+from myriad.data import DataConfig
 from myriad.data.tokenizer import train_tokenizer
 from myriad.eval.encode import encode_examples, make_batch
 from myriad.eval.finetune import FinetuneConfig, run_finetune
@@ -63,7 +64,7 @@ def _checkpoint(run: Path, objective: str = "mlm") -> Path:
     )
     torch.manual_seed(0)
     model = MoETransformerLM(model_cfg)
-    cfg = to_dict(RunConfig(model=model_cfg))
+    cfg = to_dict(RunConfig(model=model_cfg, data=DataConfig(seq_len=32)))
     save_checkpoint(run / "checkpoints", step=1, model=model, config=cfg, state={}, summary={})
     return run
 

@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH")
     evaluate.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     evaluate.add_argument("--work-dir", default="runs/suite", help="suite: fine-tuning runs")
+    evaluate.add_argument(
+        "--adapt-steps",
+        type=int,
+        default=0,
+        help="suite: also each checkpoint after N steps of pre-training on the task's "
+        "training texts (NAME+tapt)",
+    )
     evaluate.add_argument("--out", help="suite: report (docs/results.md); else predictions file")
     add_task_args(evaluate, required=False)
     add_finetune_args(evaluate)

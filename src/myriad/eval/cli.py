@@ -73,6 +73,7 @@ def _suite(args: argparse.Namespace) -> int:
         seeds=tuple(args.seeds),
         work_dir=args.work_dir,
         report=args.out or "docs/results.md",
+        adapt_steps=args.adapt_steps,
     )
     ft = FinetuneConfig(**finetune_kwargs(args))
     ft.validate()

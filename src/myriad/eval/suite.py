@@ -1,9 +1,10 @@
 """``myriad evaluate --suite``: every system on every built-in task, several seeds, one report.
 
 Systems: the TF-IDF baseline, the first checkpoint's architecture fine-tuned from random
-initialisation ("from scratch"), and each pre-trained checkpoint fine-tuned. Each neural run
-writes its usual fine-tuning folder under ``work_dir`` (a finished one with the same settings
-is reused, so an interrupted suite resumes); the report is one markdown table of test
+initialisation ("from scratch"), each pre-trained checkpoint fine-tuned, and with
+``adapt_steps`` each checkpoint again after task-adaptive pre-training (``adapt.py``). Each
+neural run writes its usual fine-tuning folder under ``work_dir`` (a finished one with the same
+settings is reused, so an interrupted suite resumes); the report is one markdown table of test
 accuracy (mean ± sample standard deviation over seeds) per task, with a CLUE-style average
 (the unweighted mean over tasks), plus dev accuracy and test macro-F1.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from myriad.errors import UserError
+from myriad.eval.adapt import adapt_checkpoint
 from myriad.eval.baselines import TfidfConfig, run_tfidf
 from myriad.eval.builtin import BUILTIN_TASKS
 from myriad.eval.finetune import FinetuneConfig, run_finetune
@@ -36,6 +38,7 @@ class SuiteConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     work_dir: str = "runs/suite"
     report: str = "docs/results.md"
+    adapt_steps: int = 0  # > 0: each checkpoint also as NAME+tapt (``adapt.py``)
 
 
 def _finetune_once(
@@ -70,10 +73,14 @@ def run_suite(cfg: SuiteConfig, ft: FinetuneConfig, *, log: Callable[[str], None
         raise UserError("--suite needs at least one --checkpoint NAME=PATH")
     if len(cfg.seeds) < 1:
         raise UserError("--seeds needs at least one seed")
+    if cfg.adapt_steps < 0:
+        raise UserError(f"--adapt-steps must be >= 0, got {cfg.adapt_steps}")
     first = Path(next(iter(cfg.checkpoints.values())))
     systems: list[tuple[str, Path | None, bool]] = [("tfidf", None, False)]
     systems.append(("scratch", first, True))
     systems += [(name, Path(path), False) for name, path in cfg.checkpoints.items()]
+    adapted = {f"{name}+tapt": name for name in cfg.checkpoints} if cfg.adapt_steps else {}
+    systems += [(tapt, Path(cfg.checkpoints[name]), False) for tapt, name in adapted.items()]
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     work = Path(cfg.work_dir)
     for task_name in SUITES[cfg.suite]:
@@ -84,10 +91,18 @@ def run_suite(cfg: SuiteConfig, ft: FinetuneConfig, *, log: Callable[[str], None
             if ckpt is None:  # lbfgs on a convex loss: the seed changes nothing, so run once
                 rows.append(_tfidf_once(task, work, log))
                 continue
+            if name in adapted:
+                ckpt = adapt_checkpoint(task, adapted[name], ckpt, cfg.adapt_steps, work, log)
             for seed in cfg.seeds:
                 run_cfg = dataclasses.replace(ft, seed=seed, from_scratch=scratch)
                 rows.append(_finetune_once(task, name, ckpt, run_cfg, work, log))
     labels = {name: _describe(name, ckpt, scratch) for name, ckpt, scratch in systems}
+    for tapt, name in adapted.items():
+        labels[tapt] = (
+            f"`{cfg.checkpoints[name]}` after {cfg.adapt_steps} more steps of its pre-training "
+            "on each task's training texts, labels unused (task-adaptive pre-training), "
+            "fine-tuned"
+        )
     text = render_report(results, labels, cfg, ft)
     write_text_atomic(Path(cfg.report), text)
     (work / "suite.json").parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,77 @@
+"""Task-adaptive pre-training (``myriad evaluate --suite ... --adapt-steps N``): it continues the
+checkpoint's pre-training from its weights on the training texts only, is reused when finished,
+and adds a NAME+tapt system to the suite."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from test_eval_finetune import FAST, _checkpoint, _write_task
+
+from myriad.eval import suite
+from myriad.eval.adapt import adapt_checkpoint, training_texts
+from myriad.eval.finetune import FinetuneConfig
+from myriad.eval.tasks import load_task
+from myriad.train import checkpoint, load_model_from_checkpoint
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapt")
+    return _checkpoint(root / "run"), load_task("jsonl", _write_task(root / "data"))
+
+
+def test_adapted_run_continues_from_the_checkpoint_on_training_texts(tiny, tmp_path):
+    run, task = tiny
+    lines: list[str] = []
+    out = adapt_checkpoint(task, "tiny", run, STEPS, tmp_path, lines.append)
+    texts = (tmp_path / "adapt-jsonl-tiny" / "texts.txt").read_text(encoding="utf-8").splitlines()
+    train = {ex.text_a for ex in task.splits["train"]}
+    assert texts == training_texts(task) and set(texts) == train
+    unseen = {ex.text_a for split in ("dev", "test") for ex in task.splits[split]} - train
+    assert unseen and not unseen & set(texts)  # dev and test texts are never read
+    assert checkpoint.read_checkpoint_info(out / "checkpoints" / "latest")["step"] == STEPS
+    assert f"task-adaptive pre-training, {STEPS} steps" in lines[-1]
+
+    source, _ = load_model_from_checkpoint(run)
+    adapted, _ = load_model_from_checkpoint(out)
+    for name, before in source.state_dict().items():
+        after = adapted.state_dict()[name]
+        if before.dim() < 2:
+            continue
+        cos = torch.nn.functional.cosine_similarity(after.flatten(), before.flatten(), dim=0)
+        assert not torch.equal(after, before) and cos > 0.9, name  # moved, from the source
+
+    assert adapt_checkpoint(task, "tiny", run, STEPS, tmp_path, lines.append) == out
+    assert "reusing" in lines[-1]
+
+
+def test_suite_adds_an_adapted_system(tiny, tmp_path, monkeypatch):
+    run, task = tiny
+    labelled = dataclasses.replace(  # a built-in task's test split has labels
+        task, splits={**task.splits, "test": task.splits["dev"]}, test_labelled=True
+    )
+    monkeypatch.setitem(suite.SUITES, "tiny", ("jsonl",))
+    monkeypatch.setattr(suite, "load_task", lambda name: labelled)
+    cfg = suite.SuiteConfig(
+        suite="tiny",
+        checkpoints={"m": str(run)},
+        seeds=(0,),
+        work_dir=str(tmp_path / "work"),
+        report=str(tmp_path / "report.md"),
+        adapt_steps=STEPS,
+    )
+    suite.run_suite(cfg, FinetuneConfig(**FAST), log=lambda _: None)
+    report = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "| m+tapt |" in report and "task-adaptive pre-training" in report
+    tapt = json.loads((tmp_path / "work" / "jsonl-m+tapt-seed0" / "summary.json").read_text())
+    assert tapt["checkpoint"] == str(tmp_path / "work" / "adapt-jsonl-m" / "run")
+    with pytest.raises(suite.UserError, match="--adapt-steps must be >= 0"):
+        suite.run_suite(
+            suite.SuiteConfig(checkpoints={"m": str(run)}, adapt_steps=-1), FinetuneConfig()
+        )

@@ -279,16 +279,19 @@ def device_memory(
 
 @dataclass(frozen=True)
 class StepTime:
-    """Seconds per optimizer step on one GPU; transfers overlap compute, the CPU Adam does not."""
+    """Seconds per optimizer step on one GPU. Transfers overlap compute; the CPU Adam overlaps
+    only the next step's first forward (``engine.overlap_step``), which must wait for it."""
 
     compute: float
     gpu_traffic: float  # ZeRO-3 gathers and reduce-scatters, expert all-to-all
     pcie: float  # host <-> GPU, the busier direction
     cpu_adam: float
+    first_forward: float = 0.0  # compute of one micro-batch's forward: a third of 1/accum
 
     @property
     def total(self) -> float:
-        return max(self.compute, self.gpu_traffic, self.pcie) + self.cpu_adam
+        busy = max(self.compute, self.gpu_traffic, self.pcie)
+        return busy + max(self.cpu_adam - self.first_forward, 0.0)
 
 
 def _collective_bandwidth(spec: ClusterSpec, n: int) -> float:
@@ -328,7 +331,7 @@ def step_time(
     gpus_here = min(n, spec.node.gpus)
     adam_rate = spec.node.cpu_cores * ADAM_PARAMS_PER_S_PER_CORE
     cpu_adam = 0.0 if mode == "none" else share * gpus_here / adam_rate
-    return StepTime(compute, gpu_traffic, pcie, cpu_adam)
+    return StepTime(compute, gpu_traffic, pcie, cpu_adam, compute / (3 * geo.micro_batches))
 
 
 def fits(mem: DeviceMemory, spec: ClusterSpec) -> bool:

@@ -87,7 +87,7 @@ def format_plan(plan: Plan) -> str:
     lines += [
         "",
         f"assumptions: {MFU:.0%} MFU of {spec.gpu.bf16_tflops:g} bf16 TFLOP/s; transfers overlap "
-        "compute, CPU Adam does not "
+        "compute, CPU Adam only the next first forward "
         f"({ADAM_PARAMS_PER_S_PER_CORE / 1e9:.2f} G params/s per core); {USABLE_FRACTION:.0%} of "
         f"GPU and host memory usable; {PREFETCH_LAYERS} gathered layers in flight; batch_size is "
         "per GPU; no activation checkpointing (docs/planner.md)",

@@ -5,8 +5,9 @@ for a few steps on the task's *training* texts, labels unused: the built-in chec
 1998 news, while ``zh-sentiment`` is product and hotel reviews. Every text of the training split
 (both sides of a pair, each as its own document) is written once to ``texts.txt``; dev and test
 texts are never read. The run is an ordinary ``myriad pretrain --init-from CKPT`` (same recipe,
-tokenizer and optimizer settings; warm-up capped at a tenth of the steps, no curriculum) in
-``<work>/adapt-TASK-NAME/run``, reused when a finished one has the same source and steps.
+tokenizer and optimizer settings; warm-up capped at a tenth of the steps, no curriculum, one
+process) in ``<work>/adapt-TASK-NAME/run``, reused when a finished one has the same source and
+steps.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from myriad.data.config import CurriculumConfig
+from myriad.engine.config import EngineConfig
 from myriad.eval.outputs import write_text_atomic
 from myriad.eval.tasks import Task
 from myriad.train import checkpoint, hotstart, run_pretrain
@@ -61,6 +63,7 @@ def _adapt(
     t = cfg.train
     cfg = dataclasses.replace(
         cfg,
+        engine=EngineConfig(),  # one process, whatever engine the checkpoint was trained with
         data=dataclasses.replace(
             cfg.data,
             corpus=str(corpus),
@@ -81,8 +84,7 @@ def _adapt(
     )
     result = run_pretrain(cfg, run, log=lambda _: None)
     write_text_atomic(done, json.dumps(marker) + "\n")
-    log(
-        f"  {task.name} {name}: task-adaptive pre-training, {steps} steps, held-out loss "
-        f"{result.first_heldout_loss:.3f} -> {result.final_heldout_loss:.3f}"
-    )
+    losses = (result.first_heldout_loss, result.final_heldout_loss)
+    held = " -> ".join("-" if x is None else f"{x:.3f}" for x in losses)
+    log(f"  {task.name} {name}: task-adaptive pre-training, {steps} steps, held-out loss {held}")
     return run

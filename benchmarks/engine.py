@@ -5,9 +5,10 @@ CPU (default): a small MoE LM trained for a few steps in each mode, each mode in
 
 * ``none``: the plain model and torch's fused AdamW (the reference losses);
 * ``myriad``: Myriad's chunked engine in one process; ``myriad-offload``: the same under a small
-  device budget (evicts every step); ``myriad-2r``: 2 ranks; ``myriad-2r-ep``: 2 ranks with
-  expert parallelism and offload; ``-bf16``: ``engine.param_dtype = reduce_dtype = bfloat16``
-  (bf16 gathered parameters and gradient shards, fp32 masters and moments);
+  device budget (evicts every step), ``-overlap`` with ``engine.overlap_step = "on"``;
+  ``myriad-2r``: 2 ranks; ``myriad-2r-ep``: 2 ranks with expert parallelism and offload;
+  ``-bf16``: ``engine.param_dtype = reduce_dtype = bfloat16`` (bf16 gathered parameters and
+  gradient shards, fp32 masters and moments);
 * ``fsdp2-2r`` / ``fsdp2-2r-offload`` / ``fsdp2-2r-bf16``: PyTorch FSDP2 on 2 ranks, without /
   with ``CPUOffloadPolicy`` / with ``MixedPrecisionPolicy(bf16, bf16)``.
 
@@ -72,6 +73,8 @@ MODES: dict[str, tuple[int, dict[str, Any]]] = {
     "none": (1, {}),
     "myriad": (1, MYRIAD),
     "myriad-offload": (1, {**MYRIAD, "device_budget_mb": 120.0}),
+    # the host payloads' AdamW in a thread during the next forward (off by default on a CPU)
+    "myriad-offload-overlap": (1, {**MYRIAD, "device_budget_mb": 120.0, "overlap_step": "on"}),
     "myriad-2r": (2, MYRIAD),
     "myriad-2r-ep": (2, EP_OFFLOAD),
     "myriad-2r-bf16": (2, {**MYRIAD, **BF16}),

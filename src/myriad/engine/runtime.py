@@ -181,6 +181,7 @@ def install_state_dict_hooks(model: nn.Module, engine: Any) -> None:
     loaded: dict[nn.Parameter, torch.Tensor] = {}
 
     def before_load(module, state_dict, prefix, *args):  # noqa: ARG001
+        engine.synchronize()  # no overlapped update may write a shard after the load
         for chunk in engine.store.chunks:
             engine.store.gather(chunk)
         for p, rows in engine.expert_rows.items():  # keep this rank's experts' rows only

@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_eval_finetune import FAST, _checkpoint, _write_task
 
+from myriad.cli import main
 from myriad.eval import suite
 from myriad.eval.adapt import adapt_checkpoint, training_texts
 from myriad.eval.finetune import FinetuneConfig
@@ -71,7 +72,11 @@ def test_suite_adds_an_adapted_system(tiny, tmp_path, monkeypatch):
     assert "| m+tapt |" in report and "task-adaptive pre-training" in report
     tapt = json.loads((tmp_path / "work" / "jsonl-m+tapt-seed0" / "summary.json").read_text())
     assert tapt["checkpoint"] == str(tmp_path / "work" / "adapt-jsonl-m" / "run")
-    with pytest.raises(suite.UserError, match="--adapt-steps must be >= 0"):
-        suite.run_suite(
-            suite.SuiteConfig(checkpoints={"m": str(run)}, adapt_steps=-1), FinetuneConfig()
-        )
+
+
+def test_cli_rejects_negative_adapt_steps(tiny, capsys):
+    run, _ = tiny
+    args = ["evaluate", "--suite", "builtin", "--checkpoint", f"m={run}", "--adapt-steps", "-1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--adapt-steps must be >= 0, got -1" in err

@@ -98,6 +98,21 @@ def batches(step: int, world: int) -> list[dict[str, torch.Tensor]]:
     return [counting_batch(BATCH, seed=7, index=step * world + r) for r in range(world)]
 
 
+def pretrain_reference(cfg: Any, worlds: tuple[int, ...]) -> tuple[MoETransformerLM, list]:
+    """What ``run_pretrain`` on torchrun-style ranks must match: one process taking, at step
+    i + 1, each of ``worlds[i]`` ranks' batches (rank r's stream seed is seed + 1,000,003 r) as
+    one micro-batch. Returns the trained model and the losses."""
+    torch.manual_seed(cfg.train.seed)
+    model = MoETransformerLM(cfg.model)
+    step_fn = make_step(model, cfg, None)
+    b, seed = cfg.train.batch_size, cfg.train.seed
+    losses = [
+        step_fn([counting_batch(b, seed + 1_000_003 * r, i) for r in range(world)]).loss
+        for i, world in enumerate(worlds)
+    ]
+    return model, losses
+
+
 def reference_losses(cfg: Any, world: int, steps: int) -> list[float]:
     model = build_model(cfg)
     step_fn = make_step(model, cfg, None)

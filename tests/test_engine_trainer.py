@@ -91,31 +91,27 @@ def tmp_path_of(out: str):
 @pytest.mark.parametrize("kind", ["myriad", "fsdp2"])
 def test_two_ranks_through_run_pretrain(tmp_path, kind):
     """Rank 0 logs the rank-mean losses of the reference that takes both ranks' streams as two
-    micro-batches; ``fsdp2``: both ranks' checkpoints hold the same whole weights (``myriad``
-    writes one sharded checkpoint: ``test_engine_trainer_shards.py``). ``myriad`` runs with
-    partitioning, expert parallelism and offload together; ``fsdp2`` is PyTorch's."""
-    from test_engine_support import make_step, spawn
-    from test_train_support import counting_batch
-
-    from myriad.model import MoETransformerLM
+    micro-batches. Both kinds write one shared, sharded checkpoint (``myriad``:
+    ``test_engine_trainer_shards.py``; ``fsdp2``: ``dcp/`` plus rank 0's whole weights, which
+    load without the engine). ``myriad`` runs with partitioning, expert parallelism and offload
+    together; ``fsdp2`` is PyTorch's."""
+    from test_engine_support import pretrain_reference, spawn
 
     spawn(_pretrain_rank, 2, str(tmp_path), kind)
     run = tmp_path / "run"
-    cfg = _config()
-    torch.manual_seed(cfg.train.seed)
-    model = MoETransformerLM(cfg.model)
-    step_fn = make_step(model, cfg, None)
-    b, seeds = cfg.train.batch_size, (cfg.train.seed, cfg.train.seed + 1_000_003)
-    ref = [step_fn([counting_batch(b, s, i) for s in seeds]).loss for i in range(6)]
+    model, ref = pretrain_reference(_config(), (2,) * 6)
     assert _losses(run / "metrics.jsonl") == pytest.approx(ref, rel=1e-5)
     assert _losses(run / "rank-1" / "metrics.jsonl") == _losses(run / "metrics.jsonl")
-    a, _ = load_model_from_checkpoint(run)
-    if kind == "myriad":  # one sharded checkpoint, both ranks' parts: test_engine_trainer_shards
-        assert not (run / "rank-1" / "checkpoints").exists()
+    assert not (run / "rank-1" / "checkpoints").exists()
+    if kind == "myriad":  # its shard files: test_engine_trainer_shards.py
         return
-    c, _ = load_model_from_checkpoint(run / "rank-1")
-    for (name, pa), (_, pc) in zip(a.state_dict().items(), c.state_dict().items(), strict=True):
-        assert torch.equal(pa, pc), name
+    step = run / "checkpoints" / "step-000006"
+    names = {p.name for p in step.iterdir()}
+    assert {"dcp", "model.safetensors", "trainer_state-rank0.pt", "trainer_state-rank1.pt"} <= names
+    loaded, _ = load_model_from_checkpoint(run)  # rank 0's whole weights = the reference's
+    ref_weights = model.state_dict()
+    for name, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, ref_weights[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def _resume_rank(rank: int, world: int, port: int, out: str) -> None:
@@ -148,3 +144,36 @@ def test_fsdp2_resume_is_exact(tmp_path):
         full = _losses(tmp_path / "full" / rank_dir / "metrics.jsonl")
         assert len(full) == 6
         assert _losses(tmp_path / "cut" / rank_dir / "metrics.jsonl") == full
+
+
+def _resume_on(rank: int, world: int, port: int, out: str) -> None:
+    from pathlib import Path
+
+    from test_engine_support import torchrun_env
+    from test_train_support import FakePrepared
+
+    import myriad.data
+
+    torchrun_env(rank, world, port)
+    torch.set_num_threads(1)
+    myriad.data.prepare_data = lambda cfg, **kw: FakePrepared(kw["out_dir"])  # type: ignore
+    run_pretrain(_config(EngineConfig(kind="fsdp2")), Path(out), resume=True, log=_quiet)
+
+
+def test_fsdp2_resumes_on_another_number_of_ranks(tmp_path):
+    """2 fsdp2 ranks to step 3, then 1 rank to step 6 (``torch.distributed.checkpoint`` reshards
+    parameters and Adam moments) = one process taking 2, then 1, micro-batches per step."""
+    import shutil
+
+    from test_engine_support import pretrain_reference, spawn
+
+    spawn(_pretrain_rank, 2, str(tmp_path), "fsdp2")
+    run = tmp_path / "run"
+    shutil.rmtree(run / "checkpoints" / "step-000006")
+    (run / "checkpoints" / "latest").write_text("step-000003\n", encoding="utf-8")
+    spawn(_resume_on, 1, str(run))
+    model, ref = pretrain_reference(_config(), (2, 2, 2, 1, 1, 1))
+    assert _losses(run / "metrics.jsonl") == pytest.approx(ref, rel=1e-5)
+    loaded, _ = load_model_from_checkpoint(run)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], value, rtol=1e-4, atol=1e-6)

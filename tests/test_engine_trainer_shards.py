@@ -143,23 +143,9 @@ def test_write_failure_on_one_rank_keeps_previous_checkpoint(runs):
 
 
 def _reference_model(worlds=(2,) * 6):
-    """One process taking every rank's batch as one micro-batch per step; ``worlds[i]``: the
-    number of ranks at step i + 1."""
-    from test_engine_support import make_step
-    from test_train_support import counting_batch
+    from test_engine_support import pretrain_reference
 
-    from myriad.model import MoETransformerLM
-
-    cfg = _config()
-    torch.manual_seed(cfg.train.seed)
-    model = MoETransformerLM(cfg.model)
-    step_fn = make_step(model, cfg, None)
-    b, seed = cfg.train.batch_size, cfg.train.seed
-    losses = [
-        step_fn([counting_batch(b, seed + 1_000_003 * r, i) for r in range(world)]).loss
-        for i, world in enumerate(worlds)
-    ]
-    return model, losses
+    return pretrain_reference(_config(), worlds)
 
 
 def test_single_process_readers_match_reference(runs, tmp_path, capsys):
@@ -261,22 +247,24 @@ def test_resume_with_another_world_size_reshards(runs, world, monkeypatch):
 
 
 def test_consolidated_checkpoint_resumes_with_its_own_world_size_only(tmp_path, monkeypatch):
-    """A consolidated checkpoint of 2 fsdp2 ranks: its optimizer state holds 2 ranks' shards."""
+    """A consolidated checkpoint (one model.safetensors, one trainer state) written by 2
+    processes: the sharded kinds cannot resume it on several ranks, nor any kind elsewhere."""
     from myriad.train.shard_checkpoint import check_resume
 
     (tmp_path / checkpoint.WEIGHTS).write_bytes(b"")
     checkpoint.write_json(tmp_path / checkpoint.STATE_JSON, {"step": 3, "processes": 2})
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert check_resume(tmp_path, "fsdp2") is None
-    with pytest.raises(UserError, match="holds consolidated weights.*--init-from"):
-        check_resume(tmp_path, "myriad")
-    for world in ("1", "4"):
-        monkeypatch.setenv("WORLD_SIZE", world)
-        with pytest.raises(UserError) as caught:
-            check_resume(tmp_path, "fsdp2")
-        message = str(caught.value)
-        assert f"with {world} process(es): it was written by 2" in message
-        assert "--init-from" in message and len(message.splitlines()) == 1
+    for kind in ("myriad", "fsdp2"):
+        with pytest.raises(UserError, match="holds consolidated weights.*--init-from"):
+            check_resume(tmp_path, kind)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(UserError) as caught:
+        check_resume(tmp_path, "none")
+    message = str(caught.value)
+    assert "with 1 process(es): it was written by 2 as one consolidated checkpoint" in message
+    assert "--init-from" in message and len(message.splitlines()) == 1
+    checkpoint.write_json(tmp_path / checkpoint.STATE_JSON, {"step": 3, "processes": 1})
+    assert check_resume(tmp_path, "none") is None
 
 
 def test_damaged_shard_file_is_a_one_line_error(runs, tmp_path, capsys):

@@ -101,12 +101,14 @@ def _is_peer_failure(exc: RuntimeError) -> bool:
 
 
 def init_distributed(backend: str = "auto", timeout_s: float = 300.0) -> Comm:
-    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1), else a 1-process Comm.
+    """Join the process group ``torchrun`` describes (one of one rank too: FSDP2 needs a group),
+    else a 1-process Comm.
 
     ``backend`` "auto" is NCCL when CUDA is available, else gloo.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ  # torchrun's environment
+    if world <= 1 and not launched:
         return Comm(timeout_s=timeout_s)
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"

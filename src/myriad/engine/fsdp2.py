@@ -10,18 +10,30 @@ ranks). What a trainer needs besides ``apply_fsdp2``: build the optimizer *after
 become ``DTensor`` shards), clip with :func:`clip_grad_norm_` (the norm is a ``DTensor``), sum
 the routers' expert loads over ranks with :func:`all_reduce_expert_loads` before
 ``update_router_biases`` (the selection biases are replicated and must move identically), and
-gather weights for a checkpoint with :func:`full_state_dict`.
+checkpoint with :func:`save_sharded` / :func:`load_sharded` (every rank its shards, through
+``torch.distributed.checkpoint``, so a run resumes on any number of ranks; rank 0 also writes the
+whole weights for single-process readers).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
+    FSDPModule,
     MixedPrecisionPolicy,
     OffloadPolicy,
     fully_shard,
@@ -112,3 +124,50 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=options)
     return {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}
+
+
+DCP_DIR = "dcp"  # a checkpoint's torch.distributed.checkpoint files (every rank's shards)
+
+
+def save_sharded(
+    model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path, weights: Path
+) -> None:
+    """This rank's shards of the parameters and of the optimizer state into ``directory/dcp``
+    (``torch.distributed.checkpoint``: readable by any number of ranks), and the whole weights
+    into ``weights`` by rank 0, gathered one parameter at a time. A collective."""
+    shards = _shards(model)
+    osd = get_optimizer_state_dict(model, optimizer)
+    dcp.save({"model": shards, "optim": osd}, checkpoint_id=str(directory / DCP_DIR))
+    rank0 = dist.get_rank() == 0
+    whole: dict[str, torch.Tensor] = {}
+    for name, value in shards.items():
+        full = value.full_tensor() if isinstance(value, DTensor) else value
+        if rank0:
+            whole[name] = full.detach().cpu().contiguous()
+    if rank0:
+        save_file(whole, str(weights), metadata={"format": "pt"})
+
+
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Fill this rank's parameter and optimizer shards from ``directory/dcp``, whatever number
+    of ranks wrote it (a collective)."""
+    shards = _shards(model)
+    osd = get_optimizer_state_dict(model, optimizer)  # allocates the moments to load into
+    dcp.load({"model": shards, "optim": osd}, checkpoint_id=str(directory / DCP_DIR))
+    set_optimizer_state_dict(model, optimizer, osd)
+
+
+def _shards(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters (tied ones once, as ``DTensor`` shards) and persistent buffers, by name.
+
+    A forward without backward (a held-out evaluation) leaves the root's parameters gathered
+    (``reshard_after_forward=False``): they are resharded first, so these are the optimizer's."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    out: dict[str, torch.Tensor] = dict(model.named_parameters())
+    for prefix, module in model.named_modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set:
+                out[f"{prefix}.{name}" if prefix else name] = buf
+    return out

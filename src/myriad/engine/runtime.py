@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -212,11 +213,55 @@ def install_state_dict_hooks(model: nn.Module, engine: Any) -> None:
 
 
 def sharding_engine(sync: Any) -> Any:
-    """The ``myriad`` engine behind a training step's ``GradSync``, else None: the trainer asks
-    so that its checkpoints are per-rank shards (``myriad.train.shard_checkpoint``)."""
+    """The ``myriad`` engine behind a training step's ``GradSync``, else None."""
     from myriad.engine.engine import Engine
 
     return sync if isinstance(sync, Engine) else None
+
+
+@dataclass
+class CheckpointParts:
+    """What every rank writes into, and reads from, one shared step directory
+    (``myriad.train.shard_checkpoint``): the ``myriad`` engine's shards, or FSDP2's
+    ``torch.distributed.checkpoint`` files. Both reshard to any number of ranks on reading."""
+
+    comm: Comm
+    device: torch.device  # where the ranks' agreement flags are summed
+    write: Callable[[Path], None]  # a collective
+    read: Callable[[Path], None]  # a collective
+    holds: Callable[[Path], bool]  # whether a step directory has these parts
+
+
+def checkpoint_parts(
+    sync: Any, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
+) -> CheckpointParts | None:
+    """The per-rank parts of a run's checkpoints; None for a plain one-process model."""
+    from myriad.engine import fsdp2, shards
+
+    engine = sharding_engine(sync)
+    if engine is not None:
+
+        def write(directory: Path) -> None:
+            with buffers_only_state_dict(engine):
+                shards.save_shards(engine, directory)
+
+        def holds(directory: Path) -> bool:
+            return any(directory.glob("engine-rank*.json"))
+
+        read = partial(shards.load_shards, engine)
+        return CheckpointParts(engine.comm, engine.device, write, read, holds)
+    if isinstance(sync, FSDP2Sync):
+
+        def write_dcp(directory: Path) -> None:
+            fsdp2.save_sharded(model, optimizer, directory, directory / "model.safetensors")
+
+        def holds_dcp(directory: Path) -> bool:
+            return (directory / fsdp2.DCP_DIR).is_dir()
+
+        read = partial(fsdp2.load_sharded, model, optimizer)
+        flags = torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")
+        return CheckpointParts(sync.comm, flags, write_dcp, read, holds_dcp)
+    return None
 
 
 @contextmanager

@@ -100,23 +100,24 @@ def _evaluate(loop: Loop, progress: Progress, metrics: MetricsLogger, clock: Clo
 def save(loop: Loop, progress: Progress, keep: int) -> Path:
     """Checkpoint the end of step ``progress.step`` (weights, config, optimizer, RNG, data).
 
-    Under the ``myriad`` engine every rank writes its own shards and trainer state into one
-    step directory (``shard_checkpoint``, a collective); otherwise one consolidated checkpoint.
+    Under the ``myriad`` and ``fsdp2`` engines every rank writes its own shards and trainer
+    state into one step directory (``shard_checkpoint``, a collective); otherwise one
+    consolidated checkpoint.
     """
-    from myriad.engine.runtime import sharding_engine
+    from myriad.engine.runtime import checkpoint_parts
     from myriad.train.shard_checkpoint import save_sharded_checkpoint
 
     optimizer, scheduler = loop.step_fn.optimizer, loop.step_fn.scheduler
-    engine = sharding_engine(loop.step_fn.sync)
+    parts = checkpoint_parts(loop.step_fn.sync, loop.model, optimizer, loop.device)
     stream_state = loop.stream.state_dict()
-    state = trainer_state(progress, optimizer, scheduler, stream_state, moments=engine is None)
+    state = trainer_state(progress, optimizer, scheduler, stream_state, moments=parts is None)
     state["routing_monitor"] = loop.routing.state_dict()
     human = summary(progress, optimizer.param_groups[0]["lr"], loop.step_fn.sync.world)
-    if engine is not None:
+    if parts is not None:
         return save_sharded_checkpoint(
             loop.checkpoint_root,
             step=progress.step,
-            engine=engine,
+            parts=parts,
             config=loop.config_dict,
             state=state,
             summary=human,

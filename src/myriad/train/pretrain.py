@@ -212,10 +212,13 @@ def _restore(loop: Loop, step_dir: Path) -> Progress:
 
     A sharded checkpoint: this rank's shards and moments, and its own trainer state (a rank the
     checkpoint lacks: rank 0's, with its own data stream moved to rank 0's position)."""
-    engine = engine_runtime.sharding_engine(loop.step_fn.sync)
+    step_fn = loop.step_fn
+    parts = engine_runtime.checkpoint_parts(
+        step_fn.sync, loop.model, step_fn.optimizer, loop.device
+    )
     own = True
-    if engine is not None and checkpoint.shard_world(step_dir) is not None:
-        state, own = shard_checkpoint.load_rank(engine, step_dir)
+    if parts is not None and parts.holds(step_dir):
+        state, own = shard_checkpoint.load_rank(parts, step_dir)
     else:
         checkpoint.load_weights(loop.model, step_dir)
         state = checkpoint.load_state(step_dir)

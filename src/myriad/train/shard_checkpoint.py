@@ -1,12 +1,19 @@
-"""Sharded trainer checkpoints (``engine.kind = "myriad"``): every rank writes its own part of one
-step directory, and the directory appears whole or not at all.
+"""Sharded trainer checkpoints (``engine.kind = "myriad"`` or ``"fsdp2"``): every rank writes
+its own part of one step directory, and the directory appears whole or not at all.
 
 ``<run>/checkpoints/step-NNNNNN/`` then holds ``config.json`` and ``trainer_state.json`` (rank
-0), every rank's ``engine-rankR-of-W.safetensors`` / ``.json`` (its parameter shards, Adam
-moments and layout, written by ``myriad.engine.shards.save_shards``) and every rank's
-``trainer_state-rankR.pt`` (schedule, optimizer hyper-parameters, RNG, data position, progress,
-routing monitor: what an exact resume of that rank needs besides the shards). No process ever
-holds the whole model; ``checkpoint.load_weights`` and ``myriad export`` read the shards.
+0), every rank's ``trainer_state-rankR.pt`` (schedule, optimizer hyper-parameters, RNG, data
+position, progress, routing monitor: what an exact resume of that rank needs besides its
+parameter and optimizer shards) and those shards (``runtime.CheckpointParts``):
+
+* ``myriad``: every rank's ``engine-rankR-of-W.safetensors`` / ``.json`` (parameter shards, Adam
+  moments, layout; ``myriad.engine.shards``). No process ever holds the whole model;
+  ``checkpoint.load_weights`` and ``myriad export`` read the shards.
+* ``fsdp2``: ``dcp/`` (``torch.distributed.checkpoint``: every rank's parameter and optimizer
+  shards) and ``model.safetensors``, the whole weights, written by rank 0 for single-process
+  readers (gathered one parameter at a time).
+
+Both reshard: ``--resume`` works with another number of processes (see :func:`check_resume`).
 
 Atomicity across processes: rank 0 creates one temporary directory with an agreed name (behind a
 collective), every rank writes into it, and an all-reduce of per-rank failure flags tells every
@@ -27,7 +34,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from myriad.engine import runtime, shards
+from myriad.engine.runtime import CheckpointParts
 from myriad.errors import UserError
 from myriad.train import checkpoint
 
@@ -38,37 +45,50 @@ def rank_state_name(rank: int) -> str:
     return f"trainer_state-rank{rank}.pt"
 
 
+SHARDED_KINDS = ("myriad", "fsdp2")
+
+
 def checkpoint_root(out_dir: Path, kind: str) -> Path:
-    """This process's ``checkpoints`` directory: ``myriad`` runs share rank 0's (every rank
-    writes its part of each step directory); other kinds keep one per rank directory, as
-    ``out_dir`` is ``runtime.rank_dir`` (``<run>/rank-R`` for ranks > 0)."""
-    if kind == "myriad" and int(os.environ.get("RANK", "0")) > 0:
+    """This process's ``checkpoints`` directory: sharded runs share rank 0's (every rank writes
+    its part of each step directory); ``out_dir`` is ``runtime.rank_dir`` (``<run>/rank-R`` for
+    ranks > 0)."""
+    if kind in SHARDED_KINDS and int(os.environ.get("RANK", "0")) > 0:
         return out_dir.parent / "checkpoints"
     return out_dir / "checkpoints"
+
+
+def written_world(step_dir: Path) -> int | None:
+    """How many processes wrote a sharded checkpoint; None for a consolidated one."""
+    from myriad.engine.fsdp2 import DCP_DIR
+
+    world = checkpoint.shard_world(step_dir)
+    if world is None and (step_dir / DCP_DIR).is_dir():
+        world = int(checkpoint.read_json(step_dir / checkpoint.STATE_JSON)["processes"])
+    return world
 
 
 def check_resume(step_dir: Path, kind: str) -> str | None:
     """Refuse a resume the checkpoint cannot serve; describe a change of world size.
 
-    Engine shards reshard to any number of processes (``shards.load_shards``: parameters and
-    Adam moments, expert rows included). Each rank keeps its own data position and RNG; a rank
-    the checkpoint lacks takes rank 0's (see :func:`load_rank`). Returns a line for the log
-    when the world size changes, else None.
+    Sharded checkpoints reshard to any number of processes (parameters and optimizer moments,
+    expert rows included). Each rank keeps its own data position and RNG; a rank the checkpoint
+    lacks takes rank 0's (see :func:`load_rank`). Returns a line for the log when the world size
+    changes, else None.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    written = checkpoint.shard_world(step_dir)
+    written = written_world(step_dir)
     if written is None:
-        if kind == "myriad" and world > 1:
+        if kind in SHARDED_KINDS and world > 1:
             raise UserError(
                 f"cannot resume {step_dir} with {world} processes: it holds consolidated weights, "
-                f"not engine shards; start a new run from it with --init-from {step_dir}"
+                f"not per-rank shards; start a new run from it with --init-from {step_dir}"
             )
         wrote = checkpoint.read_json(step_dir / checkpoint.STATE_JSON).get("processes", world)
-        if wrote != world:  # e.g. fsdp2: its optimizer state holds that many ranks' shards
+        if wrote != world:  # its optimizer state may hold that many ranks' shards
             raise UserError(
-                f"cannot resume {step_dir} with {world} process(es): it was written by {wrote}, "
-                f"and only engine.kind = 'myriad' reshards on resume; resume with {wrote}, or "
-                f"start a new run from its weights with --init-from {step_dir}"
+                f"cannot resume {step_dir} with {world} process(es): it was written by {wrote} "
+                f"as one consolidated checkpoint; resume with {wrote}, or start a new run from "
+                f"its weights with --init-from {step_dir}"
             )
         return None
     if written == world:
@@ -88,7 +108,7 @@ def save_sharded_checkpoint(
     root: Path,
     *,
     step: int,
-    engine: Any,
+    parts: CheckpointParts,
     config: dict[str, Any],
     state: dict[str, Any],
     summary: dict[str, Any],
@@ -97,14 +117,14 @@ def save_sharded_checkpoint(
     """Write step ``step`` of every rank into ``root`` atomically; a collective (all ranks call it).
 
     Args:
-        engine: this rank's ``myriad.engine.engine.Engine`` (its shards, comm and device).
+        parts: this rank's parameter and optimizer shards (and its comm).
         state: this rank's trainer state (without optimizer moments: they are in the shards).
         summary: rank 0's ``trainer_state.json``.
 
     Raises:
         UserError: some rank could not write (on every rank); the previous checkpoint is intact.
     """
-    rank = engine.comm.rank
+    rank = parts.comm.rank
     final = root / checkpoint.step_dir_name(step)
     tmp = root / f"{checkpoint.TMP_PREFIX}{final.name}-shards"
 
@@ -119,8 +139,7 @@ def save_sharded_checkpoint(
                 f"rank {rank} does not see {tmp}, which rank 0 created: the --out of a "
                 "multi-node myriad run must be on a file system every node shares"
             )
-        with runtime.buffers_only_state_dict(engine):
-            shards.save_shards(engine, tmp)
+        parts.write(tmp)
         _write_synced(tmp / rank_state_name(rank), lambda p: torch.save(state, p))
         if rank == 0:
             _write_synced(tmp / checkpoint.CONFIG, lambda p: checkpoint.write_json(p, config))
@@ -132,9 +151,9 @@ def save_sharded_checkpoint(
         checkpoint.fsync_dir(root)
         checkpoint.write_latest(root, final.name)
 
-    _all_or_none(engine, final, tmp, prepare if rank == 0 else None)
-    _all_or_none(engine, final, tmp, write)
-    _all_or_none(engine, final, tmp, publish if rank == 0 else None)
+    _all_or_none(parts, final, tmp, prepare if rank == 0 else None)
+    _all_or_none(parts, final, tmp, write)
+    _all_or_none(parts, final, tmp, publish if rank == 0 else None)
     if keep > 0 and rank == 0:
         checkpoint.prune_checkpoints(root, keep)
     return final
@@ -156,27 +175,29 @@ def _attempt(action: Callable[[], None] | None) -> Exception | None:
     return None
 
 
-def _failed_ranks(engine: Any, error: Exception | None) -> str:
+def _failed_ranks(parts: CheckpointParts, error: Exception | None) -> str:
     """Every rank's outcome (a collective): the failed ranks, comma-separated; '' when none."""
-    failed_W = torch.zeros(engine.comm.world, dtype=torch.int64, device=engine.device)  # W ranks
-    failed_W[engine.comm.rank] = int(error is not None)
-    engine.comm.all_reduce(failed_W)
+    failed_W = torch.zeros(parts.comm.world, dtype=torch.int64, device=parts.device)  # W ranks
+    failed_W[parts.comm.rank] = int(error is not None)
+    parts.comm.all_reduce(failed_W)
     return ", ".join(str(r) for r in failed_W.nonzero().flatten().tolist())
 
 
-def _all_or_none(engine: Any, final: Path, tmp: Path, action: Callable[[], None] | None) -> None:
+def _all_or_none(
+    parts: CheckpointParts, final: Path, tmp: Path, action: Callable[[], None] | None
+) -> None:
     """Run ``action`` here (None: nothing), then agree with every rank on whether all succeeded.
 
     Failure anywhere: rank 0 removes ``tmp`` before anyone returns, and every rank raises (the
     failing rank its own cause: a ``UserError`` for an ``OSError``, else the original error).
     """
     error = _attempt(action)
-    ranks = _failed_ranks(engine, error)
+    ranks = _failed_ranks(parts, error)
     if not ranks:
         return
-    if engine.comm.rank == 0:
+    if parts.comm.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-    engine.comm.barrier()  # the temporary directory is gone before any rank raises
+    parts.comm.barrier()  # the temporary directory is gone before any rank raises
     if error is not None and not isinstance(error, OSError):
         raise error
     cause = f": {error}" if error is not None else ""
@@ -186,24 +207,24 @@ def _all_or_none(engine: Any, final: Path, tmp: Path, action: Callable[[], None]
     ) from error
 
 
-def load_rank(engine: Any, step_dir: Path) -> tuple[dict[str, Any], bool]:
-    """Fill ``engine``'s shards and Adam moments from ``step_dir``'s shard files, and return this
-    rank's trainer state (``trainer_state-rankR.pt``) and whether it is this rank's own.
+def load_rank(parts: CheckpointParts, step_dir: Path) -> tuple[dict[str, Any], bool]:
+    """Fill this rank's parameter and optimizer shards from ``step_dir``, and return this rank's
+    trainer state (``trainer_state-rankR.pt``) and whether it is this rank's own.
 
     A rank beyond the world that wrote the checkpoint gets rank 0's state (schedule, RNG, data
     position, all alike across ranks but the data seed); the caller moves its own data stream
     to that position. A collective: if any rank cannot read its part, every rank raises (rather
     than the others training on and waiting for it)."""
-    rank = engine.comm.rank
-    own = rank < (checkpoint.shard_world(step_dir) or 1)
+    rank = parts.comm.rank
+    own = rank < (written_world(step_dir) or 1)
     loaded: dict[str, Any] = {}
 
     def load() -> None:
         loaded["state"] = checkpoint.load_state(step_dir, rank_state_name(rank if own else 0))
-        shards.load_shards(engine, step_dir)
+        parts.read(step_dir)
 
     error = _attempt(load)
-    ranks = _failed_ranks(engine, error)
+    ranks = _failed_ranks(parts, error)
     if isinstance(error, _DAMAGED):  # a damaged shard or layout file
         raise UserError(f"corrupt or truncated engine shard files in {step_dir}: {error}") from None
     if error is not None:  # a UserError naming its file, or a bug (not relabelled)

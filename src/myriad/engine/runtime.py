@@ -233,7 +233,7 @@ class CheckpointParts:
 
 
 def checkpoint_parts(
-    sync: Any, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
+    sync: Any, model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> CheckpointParts | None:
     """The per-rank parts of a run's checkpoints; None for a plain one-process model."""
     from myriad.engine import fsdp2, shards

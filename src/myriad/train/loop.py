@@ -108,7 +108,7 @@ def save(loop: Loop, progress: Progress, keep: int) -> Path:
     from myriad.train.shard_checkpoint import save_sharded_checkpoint
 
     optimizer, scheduler = loop.step_fn.optimizer, loop.step_fn.scheduler
-    parts = checkpoint_parts(loop.step_fn.sync, loop.model, optimizer, loop.device)
+    parts = checkpoint_parts(loop.step_fn.sync, loop.model, optimizer)
     stream_state = loop.stream.state_dict()
     state = trainer_state(progress, optimizer, scheduler, stream_state, moments=parts is None)
     state["routing_monitor"] = loop.routing.state_dict()

@@ -213,9 +213,7 @@ def _restore(loop: Loop, step_dir: Path) -> Progress:
     A sharded checkpoint: this rank's shards and moments, and its own trainer state (a rank the
     checkpoint lacks: rank 0's, with its own data stream moved to rank 0's position)."""
     step_fn = loop.step_fn
-    parts = engine_runtime.checkpoint_parts(
-        step_fn.sync, loop.model, step_fn.optimizer, loop.device
-    )
+    parts = engine_runtime.checkpoint_parts(step_fn.sync, loop.model, step_fn.optimizer)
     own = True
     if parts is not None and parts.holds(step_dir):
         state, own = shard_checkpoint.load_rank(parts, step_dir)

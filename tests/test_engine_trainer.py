@@ -146,18 +146,25 @@ def test_fsdp2_resume_is_exact(tmp_path):
         assert _losses(tmp_path / "cut" / rank_dir / "metrics.jsonl") == full
 
 
-def _resume_on(rank: int, world: int, port: int, out: str) -> None:
+def _resume_on(rank: int, world: int, port: int, out: str, steps: int) -> None:
+    """An fsdp2 ``--resume`` to ``steps``; a ``UserError`` goes to ``error-rankR.txt``."""
     from pathlib import Path
 
     from test_engine_support import torchrun_env
     from test_train_support import FakePrepared
 
     import myriad.data
+    from myriad.errors import UserError
 
     torchrun_env(rank, world, port)
     torch.set_num_threads(1)
     myriad.data.prepare_data = lambda cfg, **kw: FakePrepared(kw["out_dir"])  # type: ignore
-    run_pretrain(_config(EngineConfig(kind="fsdp2")), Path(out), resume=True, log=_quiet)
+    cfg = _config(EngineConfig(kind="fsdp2"))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
+    try:
+        run_pretrain(cfg, Path(out), resume=True, log=_quiet)
+    except UserError as exc:
+        (Path(out) / f"error-rank{rank}.txt").write_text(str(exc), encoding="utf-8")
 
 
 def test_fsdp2_resumes_on_another_number_of_ranks(tmp_path):
@@ -171,9 +178,18 @@ def test_fsdp2_resumes_on_another_number_of_ranks(tmp_path):
     run = tmp_path / "run"
     shutil.rmtree(run / "checkpoints" / "step-000006")
     (run / "checkpoints" / "latest").write_text("step-000003\n", encoding="utf-8")
-    spawn(_resume_on, 1, str(run))
+    spawn(_resume_on, 1, str(run), 6)
+    assert not (run / "error-rank0.txt").exists()
     model, ref = pretrain_reference(_config(), (2, 2, 2, 1, 1, 1))
     assert _losses(run / "metrics.jsonl") == pytest.approx(ref, rel=1e-5)
     loaded, _ = load_model_from_checkpoint(run)
     for name, value in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], value, rtol=1e-4, atol=1e-6)
+
+    dcp_dir = run / "checkpoints" / "step-000006" / "dcp"
+    shard = next(dcp_dir.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])  # a damaged shard file: a one-line error
+    spawn(_resume_on, 1, str(run), 8)
+    message = (run / "error-rank0.txt").read_text(encoding="utf-8")
+    assert message.startswith(f"cannot read the checkpoint files in {dcp_dir}")
+    assert len(message.splitlines()) == 1

@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -40,6 +41,7 @@ from torch.distributed.fsdp import (
 )
 from torch.distributed.tensor import DTensor
 
+from myriad.errors import UserError
 from myriad.model import MoETransformerLM
 from myriad.model.moe import MoEFeedForward
 
@@ -153,7 +155,12 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: 
     of ranks wrote it (a collective)."""
     shards = _shards(model)
     osd = get_optimizer_state_dict(model, optimizer)  # allocates the moments to load into
-    dcp.load({"model": shards, "optim": osd}, checkpoint_id=str(directory / DCP_DIR))
+    try:
+        dcp.load({"model": shards, "optim": osd}, checkpoint_id=str(directory / DCP_DIR))
+    except (RuntimeError, CheckpointException) as exc:  # a damaged or missing shard file
+        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        where = directory / DCP_DIR
+        raise UserError(f"cannot read the checkpoint files in {where}: {cause}") from None
     set_optimizer_state_dict(model, optimizer, osd)
 
 

@@ -63,7 +63,11 @@ def written_world(step_dir: Path) -> int | None:
 
     world = checkpoint.shard_world(step_dir)
     if world is None and (step_dir / DCP_DIR).is_dir():
-        world = int(checkpoint.read_json(step_dir / checkpoint.STATE_JSON)["processes"])
+        summary = step_dir / checkpoint.STATE_JSON
+        processes = checkpoint.read_json(summary).get("processes")
+        if not isinstance(processes, int) or processes < 1:
+            raise UserError(f"corrupt checkpoint file {summary}: no valid 'processes' entry")
+        world = processes
     return world
 
 

@@ -41,7 +41,7 @@ def _train_and_save(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_reshard_two_to_one_and_export(tmp_path):
+def test_reshard_two_to_one_and_export(tmp_path, capsys):
     spawn(_train_and_save, 2, str(tmp_path))
     full = torch.load(tmp_path / "full.pt")
     shards = tmp_path / "shards"
@@ -78,3 +78,6 @@ def test_reshard_two_to_one_and_export(tmp_path):
     assert main(["export", str(shards), "--out", str(cli_out)]) == 0
     assert cli_out.read_bytes() == path.read_bytes()
     assert main(["export", str(tmp_path), "--out", str(cli_out)]) == 2  # no shard files there
+    consolidated = tmp_path / "export"  # a step directory with whole weights (fsdp2 writes one)
+    assert main(["export", str(consolidated), "--out", str(cli_out)]) == 2
+    assert "holds consolidated weights already" in capsys.readouterr().err

@@ -164,11 +164,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from myriad.engine.shards import export
-    from myriad.train.checkpoint import resolve_checkpoint
+    from myriad.train.checkpoint import WEIGHTS, resolve_checkpoint
 
     shards = Path(args.shards)
     if not any(shards.glob("engine-rank*-of-*.json")):  # a run or checkpoints dir: latest step
         shards = resolve_checkpoint(shards)
+    if (shards / WEIGHTS).is_file():  # e.g. fsdp2's: rank 0 wrote the whole weights
+        raise UserError(f"{shards} holds consolidated weights already: {shards / WEIGHTS}")
     print(f"wrote {export(shards, Path(args.out))}")
     return 0
 

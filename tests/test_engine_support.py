@@ -113,6 +113,19 @@ def pretrain_reference(cfg: Any, worlds: tuple[int, ...]) -> tuple[MoETransforme
     return model, losses
 
 
+def rewind(run: Path, step: str) -> Path:
+    """``run`` as it stood after checkpoint ``step``: later step directories go, ``latest``
+    points at it (a run cut there, to resume)."""
+    import shutil
+
+    checkpoints = run / "checkpoints"
+    for later in checkpoints.glob("step-*"):
+        if later.name > step:
+            shutil.rmtree(later)
+    (checkpoints / "latest").write_text(step + "\n", encoding="utf-8")
+    return run
+
+
 def reference_losses(cfg: Any, world: int, steps: int) -> list[float]:
     model = build_model(cfg)
     step_fn = make_step(model, cfg, None)

@@ -170,14 +170,10 @@ def _resume_on(rank: int, world: int, port: int, out: str, steps: int) -> None:
 def test_fsdp2_resumes_on_another_number_of_ranks(tmp_path):
     """2 fsdp2 ranks to step 3, then 1 rank to step 6 (``torch.distributed.checkpoint`` reshards
     parameters and Adam moments) = one process taking 2, then 1, micro-batches per step."""
-    import shutil
-
-    from test_engine_support import pretrain_reference, spawn
+    from test_engine_support import pretrain_reference, rewind, spawn
 
     spawn(_pretrain_rank, 2, str(tmp_path), "fsdp2")
-    run = tmp_path / "run"
-    shutil.rmtree(run / "checkpoints" / "step-000006")
-    (run / "checkpoints" / "latest").write_text("step-000003\n", encoding="utf-8")
+    run = rewind(tmp_path / "run", "step-000003")
     spawn(_resume_on, 1, str(run), 6)
     assert not (run / "error-rank0.txt").exists()
     model, ref = pretrain_reference(_config(), (2, 2, 2, 1, 1, 1))

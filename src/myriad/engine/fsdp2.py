@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
@@ -41,6 +40,7 @@ from torch.distributed.fsdp import (
 )
 from torch.distributed.tensor import DTensor
 
+from myriad.engine.streamfile import write_streamed
 from myriad.errors import UserError
 from myriad.model import MoETransformerLM
 from myriad.model.moe import MoEFeedForward
@@ -136,18 +136,16 @@ def save_sharded(
 ) -> None:
     """This rank's shards of the parameters and of the optimizer state into ``directory/dcp``
     (``torch.distributed.checkpoint``: readable by any number of ranks), and the whole weights
-    into ``weights`` by rank 0, gathered one parameter at a time. A collective."""
+    into ``weights`` by rank 0, gathered and written one tensor at a time. A collective."""
     shards = _shards(model)
     osd = get_optimizer_state_dict(model, optimizer)
     dcp.save({"model": shards, "optim": osd}, checkpoint_id=str(directory / DCP_DIR))
-    rank0 = dist.get_rank() == 0
-    whole: dict[str, torch.Tensor] = {}
-    for name, value in shards.items():
-        full = value.full_tensor() if isinstance(value, DTensor) else value
-        if rank0:
-            whole[name] = full.detach().cpu().contiguous()
-    if rank0:
-        save_file(whole, str(weights), metadata={"format": "pt"})
+    gathered = (v.full_tensor() if isinstance(v, DTensor) else v for v in shards.values())
+    if dist.get_rank() == 0:  # one whole tensor at a time, written and dropped
+        write_streamed(weights, {n: list(v.shape) for n, v in shards.items()}, gathered)
+    else:
+        for _ in gathered:  # every rank takes part in each gather
+            pass
 
 
 def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:

@@ -14,11 +14,11 @@ another one (resharding).
 
 from __future__ import annotations
 
+import itertools
 import json
-import math
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from myriad.engine.engine import Engine
+from myriad.engine.streamfile import write_streamed
 from myriad.errors import UserError
 
 KINDS = ("param", "exp_avg", "exp_avg_sq")
@@ -235,33 +236,9 @@ def export(directory: Path, out: Path) -> Path:
     reader = ShardReader(directory)
     names = reader.names()
     buffers = reader.buffers()
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name in names + list(buffers):
-        shape = reader.shape(name) if name in reader.pieces else list(buffers[name].shape)
-        nbytes = math.prod(shape) * 4
-        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-
-    def write(path: Path) -> None:
-        with path.open("wb") as f:
-            f.write(len(head).to_bytes(8, "little"))
-            f.write(head)
-            for tensor in _stream(reader, names):
-                f.write(tensor.contiguous().numpy().tobytes())
-            for tensor in buffers.values():
-                f.write(tensor.float().contiguous().numpy().tobytes())
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic(out, write)
-    return out
-
-
-def _stream(reader: ShardReader, names: list[str]) -> Iterator[torch.Tensor]:
-    for name in names:
-        t = reader.full(name)
-        if t.dtype != torch.float32:
-            raise UserError(f"export: {name} is {t.dtype}; only fp32 shards are supported")
-        yield t
+    shapes = {name: reader.shape(name) for name in names}
+    shapes |= {name: list(buf.shape) for name, buf in buffers.items()}
+    tensors = itertools.chain(
+        (reader.full(name) for name in names), (buf.float() for buf in buffers.values())
+    )
+    return write_streamed(out, shapes, tensors)

@@ -11,7 +11,7 @@ parameter and optimizer shards) and those shards (``runtime.CheckpointParts``):
   ``checkpoint.load_weights`` and ``myriad export`` read the shards.
 * ``fsdp2``: ``dcp/`` (``torch.distributed.checkpoint``: every rank's parameter and optimizer
   shards) and ``model.safetensors``, the whole weights, written by rank 0 for single-process
-  readers (gathered one parameter at a time).
+  readers one tensor at a time (``myriad.engine.streamfile``).
 
 Both reshard: ``--resume`` works with another number of processes (see :func:`check_resume`).
 

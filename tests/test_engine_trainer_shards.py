@@ -193,6 +193,32 @@ def test_single_process_readers_match_reference(runs, tmp_path, capsys):
     assert info["weights"]["parameters"] == n_params + n_buffers
 
 
+def test_hot_start_into_the_engine_reads_only_its_own_slices(runs, monkeypatch):
+    """``--init-from`` engine shards of the same model, into the engine: the weights are the
+    shards' (bit for bit) and the source model is never assembled."""
+    from test_engine_support import apply_engine
+
+    from myriad.engine.comm import Comm
+    from myriad.model import MoETransformerLM
+    from myriad.train import hotstart
+
+    step_dir = runs / "full" / "checkpoints" / STEP6
+    cfg = _config()
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=str(step_dir)))
+    model = MoETransformerLM(cfg.model)
+    engine = apply_engine(model, Comm(), chunk_mb=0.05)  # another chunk size than the source's
+
+    def assembled(*args, **kwargs):
+        raise AssertionError("the source model was assembled")
+
+    monkeypatch.setattr(checkpoint, "load_model_from_checkpoint", assembled)
+    assert hotstart.init_from_checkpoint(model, cfg, engine) == "load"
+    want = checkpoint.read_shard_weights(step_dir)
+    got = engine.full_state_dict()
+    for name, value in got.items():
+        assert torch.equal(value, want[name]), name
+
+
 def _copy_at_step3(runs: Path, name: str) -> Path:
     """A copy of the ``full`` run as it stood after its step-3 checkpoint."""
     import shutil

@@ -202,12 +202,13 @@ class ShardReader:
 
 
 @torch.no_grad()
-def load_shards(engine: Engine, directory: Path) -> None:
-    """Fill ``engine``'s shards (and moments) from a checkpoint of any world size."""
+def load_shards(engine: Engine, directory: Path, moments: bool = True) -> None:
+    """Fill ``engine``'s shards (and, with ``moments``, Adam moments and step) from a checkpoint
+    of any world size; each rank reads only the slices it owns."""
     engine.synchronize()
     reader = ShardReader(directory)
     state = engine.optimizer.state if hasattr(engine, "optimizer") else {}
-    kinds = KINDS if reader.has_moments() and state else ("param",)
+    kinds = KINDS if moments and reader.has_moments() and state else ("param",)
     step = reader.step()
     for name, value in reader.buffers().items():
         engine.model.get_buffer(name).copy_(value)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -169,14 +170,24 @@ def _check_shapes(state: State, fresh: State, where: str) -> None:
         raise UserError(f"{where}: parameter {extra[0]} of the source has no place in the recipe")
 
 
-def init_from_checkpoint(model: MoETransformerLM, cfg: RunConfig) -> str:
+def init_from_checkpoint(model: MoETransformerLM, cfg: RunConfig, engine: Any = None) -> str:
     """Overwrite ``model``'s weights from ``cfg.train.init_from``; returns the mode used.
 
     New tensors (router, new units, identity blocks' inputs) keep ``model``'s own random init;
     noise is drawn from its own generator (seeded from ``train.seed``), not the global one.
+    ``engine``: the ``myriad`` engine partitioning ``model``, if any. When the source is engine
+    shards of the same model config, each rank then reads only its own slices of the weights
+    (a fresh optimizer) instead of assembling the whole source model.
     """
     t = cfg.train
     where = f"--init-from {t.init_from}"
+    if engine is not None:
+        step_dir, src_cfg = source_checkpoint(t.init_from)
+        if src_cfg.model == cfg.model and checkpoint.shard_world(step_dir) is not None:
+            from myriad.engine.shards import load_shards
+
+            load_shards(engine, step_dir, moments=False)
+            return "load"
     src_model, src_cfg = checkpoint.load_model_from_checkpoint(t.init_from)
     src_state = {k: v.detach().clone() for k, v in src_model.state_dict().items()}
     fresh = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}  # built on CPU

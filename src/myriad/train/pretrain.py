@@ -298,7 +298,8 @@ def run_pretrain(
     prepared = engine_runtime.rank0_first(lambda d: _prepare_data(cfg, d), out_dir, cfg.engine)
     loop = build_loop(cfg, out_dir, prepared)
     if cfg.train.init_from and resume_from is None:
-        mode = hotstart.init_from_checkpoint(loop.model, cfg)
+        engine = engine_runtime.sharding_engine(loop.step_fn.sync)
+        mode = hotstart.init_from_checkpoint(loop.model, cfg, engine)
         log(f"hot-start ({mode}) from {cfg.train.init_from}")
     _write_config(out_dir, cfg)
     _log_start(log, cfg, loop, prepared)

@@ -237,6 +237,7 @@ def checkpoint_parts(
 ) -> CheckpointParts | None:
     """The per-rank parts of a run's checkpoints; None for a plain one-process model."""
     from myriad.engine import fsdp2, shards
+    from myriad.train import checkpoint
 
     engine = sharding_engine(sync)
     if engine is not None:
@@ -246,7 +247,7 @@ def checkpoint_parts(
                 shards.save_shards(engine, directory)
 
         def holds(directory: Path) -> bool:
-            return any(directory.glob("engine-rank*.json"))
+            return checkpoint.shard_world(directory) is not None
 
         read = partial(shards.load_shards, engine)
         return CheckpointParts(engine.comm, engine.device, write, read, holds)

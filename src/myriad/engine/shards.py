@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from myriad.engine.engine import Engine
-from myriad.engine.streamfile import write_streamed
+from myriad.engine.streamfile import write_atomic, write_streamed
 from myriad.errors import UserError
 
 KINDS = ("param", "exp_avg", "exp_avg_sq")
@@ -36,22 +34,6 @@ _RANK_FILE = re.compile(r"^engine-rank(\d+)-of-(\d+)\.json$")
 
 def _stem(rank: int, world: int) -> str:
     return f"engine-rank{rank:05d}-of-{world:05d}"
-
-
-def _atomic(path: Path, write: Callable[[Path], object]) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    try:
-        write(tmp)
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _members(engine: Engine, chunk: Any) -> list[int]:
@@ -114,9 +96,9 @@ def save_shards(engine: Engine, directory: Path) -> Path:
         if name not in engine.param_names and torch.is_tensor(buf):  # persistent buffers
             tensors[f"buffer.{name}"] = buf.detach().cpu().clone()
     stem = _stem(engine.comm.rank, engine.comm.world)
-    _atomic(directory / f"{stem}.safetensors", lambda p: save_file(tensors, str(p)))
+    write_atomic(directory / f"{stem}.safetensors", lambda p: save_file(tensors, str(p)))
     layout = json.dumps(_layout(engine), indent=1) + "\n"
-    _atomic(directory / f"{stem}.json", lambda p: p.write_text(layout, encoding="utf-8"))
+    write_atomic(directory / f"{stem}.json", lambda p: p.write_text(layout, encoding="utf-8"))
     return directory / f"{stem}.json"
 
 

@@ -2,8 +2,8 @@
 
 The header (names, shapes, offsets) is computed from the shapes first; then each tensor's bytes
 follow as the caller produces it (gathered from shards, say) and is dropped. fp32 only: what the
-engine's master weights are. The file appears atomically (``shards._atomic`` semantics:
-temporary file, fsync, rename, fsync of the directory).
+engine's master weights are. The file appears atomically (:func:`write_atomic`: temporary file,
+fsync, rename, fsync of the directory), which the engine's shard files use too.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -32,8 +32,8 @@ def write_streamed(
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
-    try:
+
+    def write(tmp: Path) -> None:
         with tmp.open("wb") as f:
             f.write(len(head).to_bytes(8, "little"))
             f.write(head)
@@ -44,14 +44,24 @@ def write_streamed(
                         f"expected fp32 {shape}"
                     )
                 f.write(tensor.detach().cpu().contiguous().numpy().tobytes())
-            f.flush()
+
+    write_atomic(out, write)
+    return out
+
+
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` into a temporary file beside ``path``, fsync it, rename it into place and fsync
+    the directory: a crash leaves the previous file (or none), never half of one."""
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    try:
+        write(tmp)
+        with tmp.open("rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, out)
+        os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    fd = os.open(out.parent, os.O_RDONLY)
+    fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    return out

@@ -15,7 +15,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from test_engine_support import apply_engine, batches, build_model, free_port, init_rank, run_config
+from test_engine_support import (
+    apply_engine,
+    batches,
+    build_model,
+    free_port,
+    init_rank,
+    run_config,
+    spawn,
+)
 
 from myriad.engine.comm import PeerLostError
 from myriad.engine.expert import ExpertParallel
@@ -78,7 +86,7 @@ def _ep_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_expert_parallel_with_empty_experts_and_an_empty_rank(tmp_path):
-    torch.multiprocessing.spawn(_ep_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    spawn(_ep_worker, 2, str(tmp_path))
     assert (tmp_path / "ok0").exists() and (tmp_path / "ok1").exists()
 
 

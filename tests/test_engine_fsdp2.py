@@ -8,12 +8,11 @@ targets, so averaging the ranks' gradients equals the accumulated gradient.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from test_engine_support import spawn
 
 from myriad.model import MoETransformerLM
 from myriad.model.config import ModelConfig, MoEConfig
@@ -62,10 +61,10 @@ def _no_autocast():
     return torch.autocast("cpu", enabled=False)
 
 
-def worker(rank: int, port: int, out_dir: str) -> None:
+def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     """Train ``STEPS`` steps sharded, then again with CPU offload; rank 0 saves both."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         results = {mode: train_sharded(rank, cpu_offload=mode == "cpu-offload") for mode in MODES}
         if rank == 0:
@@ -102,17 +101,11 @@ def train_sharded(rank: int, cpu_offload: bool) -> dict:
     return {"losses": losses, "weights": full_state_dict(model)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The single-process reference, and both FSDP2 modes from one spawn of 2 gloo ranks."""
     out_dir = tmp_path_factory.mktemp("fsdp2")
-    mp.spawn(worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    spawn(worker, WORLD, str(out_dir))
     return reference(), torch.load(out_dir / "r0.pt")
 
 

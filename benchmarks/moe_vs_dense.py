@@ -41,19 +41,15 @@ def main() -> None:
     args = parser.parse_args()
 
     results: dict[str, list[tuple[dict[int, float], float]]] = {}
-    tokenizer = None  # the first run's, for every run: the trainer's ties vary between processes
     for name, overrides in VARIANTS.items():
         for seed in args.seeds:
             sets = [*overrides, f"train.seed={seed}"]
             if args.steps:
                 sets.append(f"train.steps={args.steps}")
-            if tokenizer is not None:
-                sets.append(f"data.tokenizer={tokenizer}")
             cfg = load_recipe("tiny-zh", sets)
             out = Path(args.out) / f"{name}-seed{seed}"
             start = time.perf_counter()
             result = run_pretrain(cfg, out, resume=False, log=lambda *_: None)
-            tokenizer = tokenizer or result.tokenizer_path
             wall = time.perf_counter() - start
             results.setdefault(name, []).append(heldout_and_step_time(result.metrics_path))
             counts = count_parameters(cfg.model)

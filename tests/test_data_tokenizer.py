@@ -19,7 +19,7 @@ TEXT = "１９９８年新年讲话：中国人民决心继承邓小平同志的
 def trained(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     corpus = open_corpus(DataConfig(max_documents=2000))
-    train_tokenizer(corpus.documents, 3000, path)
+    train_tokenizer(corpus.documents(), 3000, path)
     return path
 
 
@@ -45,7 +45,7 @@ def test_cjk_split_per_character_and_specials(trained: Path):
 
 def test_vocab_never_exceeds_target(tmp_path: Path):
     corpus = open_corpus(DataConfig(max_documents=2000))
-    tokenizer = train_tokenizer(corpus.documents, 500, tmp_path / "t.json")  # < alphabet
+    tokenizer = train_tokenizer(corpus.documents(), 500, tmp_path / "t.json")  # < alphabet
     assert tokenizer.get_vocab_size() == 500
 
 

@@ -51,7 +51,7 @@ def _write_task(folder: Path, n_train: int = 160, n_dev: int = 40) -> Path:
 
 def _checkpoint(run: Path, objective: str = "mlm") -> Path:
     docs = [GOOD + FILLER + BAD] * 4
-    train_tokenizer(lambda: iter(docs), 96, run / "tokenizer.json")
+    train_tokenizer(docs, 96, run / "tokenizer.json")
     model_cfg = ModelConfig(
         objective=objective,
         vocab_size=96,
@@ -177,9 +177,9 @@ def test_vocab_mismatch_is_a_user_error(tiny, tmp_path, capsys):
     run, data = tiny
     big = tmp_path / "big.json"
     many = "".join(chr(0x4E00 + i) for i in range(200))  # 200 distinct characters
-    train_tokenizer(lambda: iter([GOOD + FILLER + BAD + many]), 300, big)
+    train_tokenizer([GOOD + FILLER + BAD + many], 300, big)
     other = tmp_path / "other.json"
-    train_tokenizer(lambda: iter(["甲乙丙丁戊己庚辛壬癸子丑寅卯" * 9]), 96, other)
+    train_tokenizer(["甲乙丙丁戊己庚辛壬癸子丑寅卯" * 9], 96, other)
     out = tmp_path / "out"
     for tok, why in ((big, "tokens but checkpoint"), (other, "token ids differ")):
         args = ["finetune", "--checkpoint", str(run), "--task", "jsonl", "--data-dir", str(data)]

@@ -33,7 +33,13 @@ from myriad.data.corpus import Corpus, open_corpus
 from myriad.data.loader import Batch, BatchStream, TargetMaker, heldout_batches
 from myriad.data.masking import MaskingSpec
 from myriad.data.packing import FORMAT_VERSION, PackedCorpus, open_packed, pack_corpus
-from myriad.data.tokenizer import file_hash, load_tokenizer, special_ids, train_tokenizer
+from myriad.data.tokenizer import (
+    TRAINER_VERSION,
+    file_hash,
+    load_tokenizer,
+    special_ids,
+    train_tokenizer,
+)
 from myriad.errors import UserError
 
 logger = logging.getLogger("myriad.data")
@@ -177,14 +183,19 @@ def _obtain_tokenizer(
         report(f"using tokenizer {source}")
         return path
     sidecar = out_dir / "data" / "tokenizer.meta.json"
-    wanted = {"corpus": corpus.describe(), "vocab_size": vocab_size, "version": FORMAT_VERSION}
+    wanted = {
+        "corpus": corpus.describe(),
+        "vocab_size": vocab_size,
+        "version": FORMAT_VERSION,
+        "trainer": TRAINER_VERSION,
+    }
     if path.is_file() and sidecar.is_file():
         saved = json.loads(sidecar.read_text(encoding="utf-8"))
         if saved.get("inputs") == wanted and saved.get("sha256") == file_hash(path):
             report(f"reusing tokenizer {path}")
             return path
     start = time.perf_counter()
-    train_tokenizer(corpus.documents, vocab_size, path)
+    train_tokenizer(corpus.documents(), vocab_size, path)
     sidecar.parent.mkdir(parents=True, exist_ok=True)
     record = {"inputs": wanted, "sha256": file_hash(path)}
     sidecar.write_text(json.dumps(record, indent=1), encoding="utf-8")

@@ -13,20 +13,25 @@ The saved ``tokenizer.json`` loads with
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from tokenizers.trainers import WordPieceTrainer
 
+from myriad.data.wordpiece import train_wordpiece
 from myriad.errors import UserError
 
 SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 _MIN_VOCAB = 64
+TRAINER_VERSION = 2  # 2: myriad.data.wordpiece (deterministic); 1: tokenizers' own trainer
 
 
-def _empty_tokenizer() -> Tokenizer:
-    tokenizer = Tokenizer(models.WordPiece(unk_token=SPECIAL_TOKENS["unk"]))
+def _bert_style_tokenizer(vocab: dict[str, int] | None = None) -> Tokenizer:
+    model = models.WordPiece(
+        vocab or {}, unk_token=SPECIAL_TOKENS["unk"], continuing_subword_prefix="##"
+    )
+    tokenizer = Tokenizer(model)
     tokenizer.normalizer = normalizers.BertNormalizer(
         clean_text=True, handle_chinese_chars=True, strip_accents=False, lowercase=False
     )
@@ -35,32 +40,28 @@ def _empty_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def _train_once(documents: Iterator[str], vocab_size: int, limit_alphabet: int) -> Tokenizer:
-    tokenizer = _empty_tokenizer()
-    trainer = WordPieceTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS.values()),
-        limit_alphabet=limit_alphabet,
-        continuing_subword_prefix="##",
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(documents, trainer=trainer)
-    return tokenizer
+def count_words(documents: Iterable[str]) -> Counter[str]:
+    """How often each word occurs after the tokenizer's normalisation and pre-tokenisation."""
+    tokenizer = _bert_style_tokenizer()
+    normalizer, pre_tokenizer = tokenizer.normalizer, tokenizer.pre_tokenizer
+    assert normalizer is not None and pre_tokenizer is not None
+    counts: Counter[str] = Counter()
+    for doc in documents:
+        counts.update(
+            word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(doc))
+        )
+    return counts
 
 
-def train_tokenizer(
-    documents_factory: Callable[[], Iterator[str]], vocab_size: int, path: Path
-) -> Tokenizer:
+def train_tokenizer(documents: Iterable[str], vocab_size: int, path: Path) -> Tokenizer:
     """Train a WordPiece vocabulary of at most ``vocab_size`` tokens and save it to ``path``.
 
-    The ``tokenizers`` trainer keeps every character of the alphabet even past
-    ``vocab_size``, so the alphabet is capped: with a small ``vocab_size`` the rarest
-    characters become ``[UNK]`` rather than ids past the model's embedding table. When the
-    ``##`` continuation pieces still overshoot, training runs once more with a smaller cap
-    (about a second on zh-news), hence a factory rather than one iterator.
+    The vocabulary comes from ``myriad.data.wordpiece`` (deterministic: the same corpus gives
+    the same file); everything else is a ``tokenizers`` WordPiece tokenizer. With a small
+    ``vocab_size`` the rarest characters become ``[UNK]``.
 
     Args:
-        documents_factory: returns a fresh stream of the corpus each call.
+        documents: the corpus, read once.
         vocab_size: the model's ``vocab_size``; the result has at most this many tokens.
         path: where ``tokenizer.json`` is written (atomically).
 
@@ -69,20 +70,12 @@ def train_tokenizer(
     """
     if vocab_size < _MIN_VOCAB:
         raise UserError(f"model.vocab_size = {vocab_size} is too small for a tokenizer (>= 64)")
-    limit = vocab_size - len(SPECIAL_TOKENS)
-    tokenizer = _train_once(documents_factory(), vocab_size, limit)
-    for _ in range(3):  # "##x" pieces came on top of the alphabet: shrink it and retry
-        excess = tokenizer.get_vocab_size() - vocab_size
-        if excess <= 0:
-            break
-        limit = max(limit - 2 * excess, 1)
-        tokenizer = _train_once(documents_factory(), vocab_size, limit)
+    vocab = train_wordpiece(count_words(documents), vocab_size, SPECIAL_TOKENS.values())
+    tokenizer = _bert_style_tokenizer(vocab)
     ids = special_ids(tokenizer)
     tokenizer.post_processor = processors.BertProcessing(
         ("[SEP]", ids["sep"]), ("[CLS]", ids["cls"])
     )
-    if tokenizer.get_vocab_size() > vocab_size:  # guards the embedding table
-        raise RuntimeError(f"trained {tokenizer.get_vocab_size()} tokens for a {vocab_size} target")
     save_tokenizer(tokenizer, path)
     return tokenizer
 

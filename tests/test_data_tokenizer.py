@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,13 @@ from transformers import PreTrainedTokenizerFast
 
 from myriad.data.config import DataConfig
 from myriad.data.corpus import open_corpus
-from myriad.data.tokenizer import SPECIAL_TOKENS, load_tokenizer, special_ids, train_tokenizer
+from myriad.data.tokenizer import (
+    SPECIAL_TOKENS,
+    joins_words,
+    load_tokenizer,
+    special_ids,
+    train_tokenizer,
+)
 from myriad.errors import UserError
 
 TEXT = "１９９８年新年讲话：中国人民决心继承邓小平同志的遗志。"
@@ -43,6 +50,15 @@ def test_cjk_split_per_character_and_specials(trained: Path):
     ]
 
 
+def test_full_width_forms_fold_to_ascii(trained: Path):
+    """People's Daily writes "１９９８" and "，"; reviews write "1998" and ",": one set of ids."""
+    tokenizer = load_tokenizer(trained, 3000)
+    full, half = tokenizer.encode("１９９８年，ＡＢ"), tokenizer.encode("1998年,AB")
+    assert full.ids == half.ids and 1 not in full.ids  # 1 = [UNK]
+    assert joins_words("Ａ") and joins_words("7") and not joins_words("中")
+    assert not joins_words("，")
+
+
 def test_vocab_never_exceeds_target(tmp_path: Path):
     corpus = open_corpus(DataConfig(max_documents=2000))
     tokenizer = train_tokenizer(corpus.documents(), 500, tmp_path / "t.json")  # < alphabet
@@ -55,7 +71,8 @@ def test_loads_in_transformers_and_round_trips(trained: Path):
     assert ids[0] == fast.cls_token_id == 2 and ids[-1] == fast.sep_token_id == 3
     assert fast.unk_token_id not in ids
     decoded = str(fast.decode(ids, skip_special_tokens=True))
-    assert "".join(decoded.split()) == TEXT  # WordPiece decoding puts spaces between CJK chars
+    # WordPiece decoding puts spaces between CJK chars; NFKC folded "１９９８" and "："
+    assert "".join(decoded.split()) == unicodedata.normalize("NFKC", TEXT) != TEXT
     assert fast.pad_token_id == 0 and fast.mask_token_id == 4
 
 

@@ -46,6 +46,10 @@ def test_alphabet_keeps_the_most_frequent_characters_ties_by_code_point():
     assert list(train_wordpiece(Counter({"xy": 1}), 3, ["[UNK]"])) == ["[UNK]", "x"]
     expected = ["[UNK]", "x", "y", "##y", "xy"]
     assert list(train_wordpiece(Counter({"xy": 1}), 5, ["[UNK]"])) == expected
+    # Told that every character joins words, x gets its piece though no word here continues
+    # with it.
+    every = train_wordpiece(Counter({"xy": 1}), 10, ["[UNK]"], joins_words=lambda ch: True)
+    assert list(every) == ["[UNK]", "x", "y", "##x", "##y", "xy"]
 
 
 def test_rare_characters_become_unk(tmp_path: Path):

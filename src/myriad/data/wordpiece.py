@@ -13,32 +13,45 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 Pair = tuple[str, str]
 
 
 def train_wordpiece(
-    word_counts: Counter[str], vocab_size: int, specials: Iterable[str], prefix: str = "##"
+    word_counts: Counter[str],
+    vocab_size: int,
+    specials: Iterable[str],
+    joins_words: Callable[[str], bool] | None = None,
+    prefix: str = "##",
 ) -> dict[str, int]:
     """Vocabulary of at most ``vocab_size`` tokens, ``specials`` first, as ``{token: id}``.
 
     The alphabet is the most frequent characters (ties by code point) whose own token and,
-    for a character seen inside a word, ``##`` piece fit the budget; a word holding any other
-    character encodes to ``[UNK]`` and takes no part in merges. Merges then join the most
-    frequent adjacent pair, ties by the pair's text, until the vocabulary is full or no pair
-    is left.
+    for a character that can stand inside a word, ``##`` piece fit the budget; a word holding
+    any other character encodes to ``[UNK]`` and takes no part in merges. Merges then join the
+    most frequent adjacent pair, ties by the pair's text, until the vocabulary is full or no
+    pair is left.
 
     Args:
         word_counts: pre-tokenised words and how often each occurs.
         vocab_size: the most tokens the result may hold.
         specials: tokens placed at ids 0, 1, ... in this order.
+        joins_words: whether a character can stand inside a word, and so needs a ``##``
+            piece even where this corpus never puts it there (a Latin letter, not a CJK
+            ideograph); one seen inside a word here gets its piece in any case.
         prefix: marks a piece that continues a word.
     """
+    counts: Counter[str] = Counter()
+    for word, count in word_counts.items():
+        for ch in word:
+            counts[ch] += count
+    joining = {ch for word in word_counts for ch in word[1:]}
+    if joins_words is not None:
+        joining |= {ch for ch in counts if joins_words(ch)}
     vocab = list(dict.fromkeys(specials))
-    alphabet = _alphabet(word_counts, vocab_size - len(vocab))
-    inner = {ch for word in word_counts for ch in word[1:] if ch in alphabet}
-    vocab += sorted(alphabet) + sorted(prefix + ch for ch in inner)
+    alphabet = _alphabet(counts, joining, vocab_size - len(vocab))
+    vocab += sorted(alphabet) + sorted(prefix + ch for ch in alphabet & joining)
     words = [
         ([word[0]] + [prefix + ch for ch in word[1:]], count)
         for word, count in sorted(word_counts.items())
@@ -58,18 +71,12 @@ def train_wordpiece(
     return {token: i for i, token in enumerate(vocab)}
 
 
-def _alphabet(word_counts: Counter[str], budget: int) -> set[str]:
+def _alphabet(counts: Counter[str], joining: set[str], budget: int) -> set[str]:
     """The most frequent characters whose tokens (the character, and its ``##`` piece when it
-    occurs inside a word) fit in ``budget``."""
-    counts: Counter[str] = Counter()
-    inner: set[str] = set()
-    for word, count in word_counts.items():
-        for ch in word:
-            counts[ch] += count
-        inner.update(word[1:])
+    is in ``joining``) fit in ``budget``."""
     kept: set[str] = set()
     for ch in sorted(counts, key=lambda c: (-counts[c], c)):
-        budget -= 1 + (ch in inner)
+        budget -= 1 + (ch in joining)
         if budget < 0:
             break
         kept.add(ch)

@@ -203,7 +203,11 @@ def test_shipped_recipe_trains_and_resumes_bit_identically(tmp_path):
     cfg = _tiny_recipe(6)
     full = run_pretrain(cfg, tmp_path / "full", log=lambda _: None)
     losses = _losses(full.metrics_path)
-    assert len(losses) == 6 and losses[-1][1] < losses[0][1]
+    assert len(losses) == 6
+    # It trains: the held-out loss (one fixed set) falls at every evaluation. The training loss
+    # is no measure here: the curriculum changes what a batch holds from step to step.
+    heldout = [r["heldout_loss"] for r in read_metrics(full.metrics_path) if r["kind"] == "heldout"]
+    assert len(heldout) == 4 and all(b < a for a, b in zip(heldout, heldout[1:], strict=False))
     # A stop after step 3: drop the later checkpoint, resume, and compare steps 4-6 bit for bit.
     shutil.copytree(tmp_path / "full", tmp_path / "stopped")
     shutil.rmtree(tmp_path / "stopped" / "checkpoints" / "step-000006")

@@ -20,7 +20,8 @@ from test_engine_support import (
 
 from myriad.cli import main
 from myriad.engine.comm import Comm
-from myriad.engine.shards import ShardReader, export, load_shards, save_shards
+from myriad.engine.shards import ShardReader, load_shards, save_shards
+from myriad.train.checkpoint import export_weights
 
 TWO_RANKS = {"chunk_mb": 0.02, "expert_parallel": True}
 
@@ -64,7 +65,7 @@ def test_reshard_two_to_one_and_export(tmp_path, capsys):
         for kind in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(one.full(name, kind), two.full(name, kind)), (name, kind)
 
-    path = export(shards, tmp_path / "export" / "model.safetensors")
+    path = export_weights(shards, tmp_path / "export" / "model.safetensors")
     plain = build_model(cfg)
     with torch.no_grad():
         for p in plain.parameters():
@@ -78,6 +79,6 @@ def test_reshard_two_to_one_and_export(tmp_path, capsys):
     assert main(["export", str(shards), "--out", str(cli_out)]) == 0
     assert cli_out.read_bytes() == path.read_bytes()
     assert main(["export", str(tmp_path), "--out", str(cli_out)]) == 2  # no shard files there
-    consolidated = tmp_path / "export"  # a step directory with whole weights (fsdp2 writes one)
+    consolidated = tmp_path / "export"  # a step directory with whole weights
     assert main(["export", str(consolidated), "--out", str(cli_out)]) == 2
     assert "holds consolidated weights already" in capsys.readouterr().err

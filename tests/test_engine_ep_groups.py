@@ -33,8 +33,9 @@ from test_engine_support import (
 from myriad.engine.comm import Comm
 from myriad.engine.config import EngineConfig
 from myriad.engine.groups import resolve_size
-from myriad.engine.shards import ShardReader, export, load_shards, save_shards
+from myriad.engine.shards import ShardReader, load_shards, save_shards
 from myriad.errors import UserError
+from myriad.train.checkpoint import export_weights
 
 STEPS = 4
 CHUNK_MB = 0.02  # 5,120 fp32 elements: several chunks, expert chunks of their own
@@ -230,7 +231,7 @@ def test_reload_and_export_at_world_one_are_bit_identical(four, tmp_path):
     for name in full:
         for kind in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(one.full(name, kind), four_ranks.full(name, kind)), (name, kind)
-    path = export(out / "shards", tmp_path / "model.safetensors")
+    path = export_weights(out / "shards", tmp_path / "model.safetensors")
     from safetensors.torch import load_file
 
     exported = load_file(str(path))

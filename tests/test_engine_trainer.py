@@ -6,10 +6,14 @@ import dataclasses
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_train_support import tiny_config, use_fake_data
 
+from myriad.cli import main
 from myriad.engine.config import EngineConfig
+from myriad.errors import UserError
 from myriad.train import load_model_from_checkpoint, run_pretrain
+from myriad.train.checkpoint import read_checkpoint_info
 from myriad.train.metrics import read_metrics
 
 ENGINE = EngineConfig(kind="myriad", chunk_mb=0.02, device_budget_mb=0.5)
@@ -92,8 +96,8 @@ def tmp_path_of(out: str):
 def test_two_ranks_through_run_pretrain(tmp_path, kind):
     """Rank 0 logs the rank-mean losses of the reference that takes both ranks' streams as two
     micro-batches. Both kinds write one shared, sharded checkpoint (``myriad``:
-    ``test_engine_trainer_shards.py``; ``fsdp2``: ``dcp/`` plus rank 0's whole weights, which
-    load without the engine). ``myriad`` runs with partitioning, expert parallelism and offload
+    ``test_engine_trainer_shards.py``; ``fsdp2``: ``dcp/``, whose weights load and export in
+    one process). ``myriad`` runs with partitioning, expert parallelism and offload
     together; ``fsdp2`` is PyTorch's."""
     from test_engine_support import pretrain_reference, spawn
 
@@ -107,11 +111,20 @@ def test_two_ranks_through_run_pretrain(tmp_path, kind):
         return
     step = run / "checkpoints" / "step-000006"
     names = {p.name for p in step.iterdir()}
-    assert {"dcp", "model.safetensors", "trainer_state-rank0.pt", "trainer_state-rank1.pt"} <= names
-    loaded, _ = load_model_from_checkpoint(run)  # rank 0's whole weights = the reference's
+    assert {"dcp", "trainer_state-rank0.pt", "trainer_state-rank1.pt"} <= names
+    assert "model.safetensors" not in names  # the weights are in dcp/ only
+    loaded, _ = load_model_from_checkpoint(run)  # assembled from dcp/ = the reference's
     ref_weights = model.state_dict()
     for name, value in loaded.state_dict().items():
         torch.testing.assert_close(value, ref_weights[name], rtol=1e-4, atol=1e-6, msg=name)
+    exported = tmp_path / "export.safetensors"
+    assert main(["export", str(run), "--out", str(exported)]) == 0
+    tensors = load_file(exported)
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, tensors.get(name, value)), name
+    assert tensors.keys() <= loaded.state_dict().keys()
+    numel = sum(t.numel() for t in tensors.values())
+    assert read_checkpoint_info(run)["weights"]["parameters"] == numel
 
 
 def _resume_rank(rank: int, world: int, port: int, out: str) -> None:
@@ -189,3 +202,8 @@ def test_fsdp2_resumes_on_another_number_of_ranks(tmp_path):
     message = (run / "error-rank0.txt").read_text(encoding="utf-8")
     assert message.startswith(f"cannot read the checkpoint files in {dcp_dir}")
     assert len(message.splitlines()) == 1
+    with pytest.raises(UserError, match=f"cannot read .* from {dcp_dir}"):
+        load_model_from_checkpoint(run)  # the same damage, read in one process
+    (dcp_dir / ".metadata").write_bytes(b"garbage")
+    with pytest.raises(UserError, match=f"cannot read the checkpoint files in {dcp_dir}"):
+        read_checkpoint_info(run)

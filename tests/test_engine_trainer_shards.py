@@ -305,8 +305,8 @@ def test_damaged_shard_file_is_a_one_line_error(runs, tmp_path, capsys):
     capsys.readouterr()
     assert main(["info", str(copy)]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "corrupt or truncated engine shard files" in err
-    with pytest.raises(UserError, match=f"engine shard files in {copy}"):
+    assert len(err.splitlines()) == 1 and "corrupt or truncated shard files" in err
+    with pytest.raises(UserError, match=f"shard files in {copy}"):
         load_model_from_checkpoint(copy)
     shard.unlink()
     with pytest.raises(UserError, match="engine-rank00001-of-00002.safetensors"):

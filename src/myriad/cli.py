@@ -81,9 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_task_args(evaluate, required=False)
     add_finetune_args(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
-    export = sub.add_parser("export", help="consolidate engine shard files into one safetensors")
+    export = sub.add_parser(
+        "export", help="consolidate a sharded checkpoint (myriad or fsdp2) into one safetensors"
+    )
     export.add_argument(
-        "shards", help="engine-rank*-of-* shard directory, or a run whose latest step holds them"
+        "shards", help="a step directory with shard files, or a run whose latest step has them"
     )
     export.add_argument("--out", required=True, help="the safetensors file to write")
     export.set_defaults(func=cmd_export)
@@ -163,15 +165,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from myriad.engine.shards import export
-    from myriad.train.checkpoint import WEIGHTS, resolve_checkpoint
+    from myriad.engine.dcp_weights import DCP_DIR
+    from myriad.train.checkpoint import export_weights, resolve_checkpoint
 
-    shards = Path(args.shards)
-    if not any(shards.glob("engine-rank*-of-*.json")):  # a run or checkpoints dir: latest step
-        shards = resolve_checkpoint(shards)
-    if (shards / WEIGHTS).is_file():  # e.g. fsdp2's: rank 0 wrote the whole weights
-        raise UserError(f"{shards} holds consolidated weights already: {shards / WEIGHTS}")
-    print(f"wrote {export(shards, Path(args.out))}")
+    step_dir = Path(args.shards)
+    if not any(step_dir.glob("engine-rank*-of-*.json")) and not (step_dir / DCP_DIR).is_dir():
+        step_dir = resolve_checkpoint(step_dir)  # a run or checkpoints dir: its latest step
+    print(f"wrote {export_weights(step_dir, Path(args.out))}")
     return 0
 
 

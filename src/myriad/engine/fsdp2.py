@@ -11,8 +11,8 @@ become ``DTensor`` shards), clip with :func:`clip_grad_norm_` (the norm is a ``D
 the routers' expert loads over ranks with :func:`all_reduce_expert_loads` before
 ``update_router_biases`` (the selection biases are replicated and must move identically), and
 checkpoint with :func:`save_sharded` / :func:`load_sharded` (every rank its shards, through
-``torch.distributed.checkpoint``, so a run resumes on any number of ranks; rank 0 also writes the
-whole weights for single-process readers).
+``torch.distributed.checkpoint``, so a run resumes on any number of ranks; single-process readers
+assemble whole tensors from them with ``dcp_weights``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from torch.distributed.fsdp import (
 )
 from torch.distributed.tensor import DTensor
 
-from myriad.engine.streamfile import write_streamed
+from myriad.engine.dcp_weights import DCP_DIR
 from myriad.errors import UserError
 from myriad.model import MoETransformerLM
 from myriad.model.moe import MoEFeedForward
@@ -128,24 +128,12 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}
 
 
-DCP_DIR = "dcp"  # a checkpoint's torch.distributed.checkpoint files (every rank's shards)
-
-
-def save_sharded(
-    model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path, weights: Path
-) -> None:
+def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
     """This rank's shards of the parameters and of the optimizer state into ``directory/dcp``
-    (``torch.distributed.checkpoint``: readable by any number of ranks), and the whole weights
-    into ``weights`` by rank 0, gathered and written one tensor at a time. A collective."""
-    shards = _shards(model)
+    (``torch.distributed.checkpoint``: readable by any number of ranks). A collective."""
+    shards = _shards(model)  # first: it reshards, so the parameters are the optimizer's again
     osd = get_optimizer_state_dict(model, optimizer)
     dcp.save({"model": shards, "optim": osd}, checkpoint_id=str(directory / DCP_DIR))
-    gathered = (v.full_tensor() if isinstance(v, DTensor) else v for v in shards.values())
-    if dist.get_rank() == 0:  # one whole tensor at a time, written and dropped
-        write_streamed(weights, {n: list(v.shape) for n, v in shards.items()}, gathered)
-    else:
-        for _ in gathered:  # every rank takes part in each gather
-            pass
 
 
 def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:

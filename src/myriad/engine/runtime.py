@@ -237,6 +237,7 @@ def checkpoint_parts(
 ) -> CheckpointParts | None:
     """The per-rank parts of a run's checkpoints; None for a plain one-process model."""
     from myriad.engine import fsdp2, shards
+    from myriad.engine.dcp_weights import DCP_DIR
     from myriad.train import checkpoint
 
     engine = sharding_engine(sync)
@@ -254,10 +255,10 @@ def checkpoint_parts(
     if isinstance(sync, FSDP2Sync):
 
         def write_dcp(directory: Path) -> None:
-            fsdp2.save_sharded(model, optimizer, directory, directory / "model.safetensors")
+            fsdp2.save_sharded(model, optimizer, directory)
 
         def holds_dcp(directory: Path) -> bool:
-            return (directory / fsdp2.DCP_DIR).is_dir()
+            return (directory / DCP_DIR).is_dir()
 
         read = partial(fsdp2.load_sharded, model, optimizer)
         flags = torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")

@@ -7,9 +7,9 @@ file, fsync, rename, fsync of the directory), so a crash leaves the previous fil
 
 Reading goes through :class:`ShardReader`, which assembles one full tensor at a time from the
 slices of the rank files that hold it (safetensors reads slices without loading whole files).
-So ``export`` writes a consolidated safetensors file parameter by parameter, never holding the
-whole model, and ``load_shards`` fills an engine of any world size from a checkpoint written by
-another one (resharding).
+So ``myriad export`` writes a consolidated safetensors file parameter by parameter, never
+holding the whole model, and ``load_shards`` fills an engine of any world size from a checkpoint
+written by another one (resharding).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from myriad.engine.engine import Engine
-from myriad.engine.streamfile import write_atomic, write_streamed
+from myriad.engine.streamfile import write_atomic
 from myriad.errors import UserError
 
 KINDS = ("param", "exp_avg", "exp_avg_sq")
@@ -115,6 +116,7 @@ class ShardReader:
         if not found or len(worlds) != 1 or len(found) != next(iter(worlds)):
             raise UserError(f"{directory}: no complete set of engine shard files")
         self.world = found[0][1]
+        self.source = f"{directory} ({self.world} engine shard files)"
         self.layouts = [json.loads(p.read_text(encoding="utf-8")) for _, _, p in found]
         self.files = [p.with_suffix(".safetensors") for _, _, p in found]
         # name -> [(ranks holding the chunk's shards, chunk layout, slot)] in row order: one
@@ -172,6 +174,16 @@ class ShardReader:
             raise UserError(f"engine shards: rows of {name} missing (got {list(whole.shape)})")
         return whole
 
+    def shapes(self) -> dict[str, list[int]]:
+        """Parameters (tied ones once), then persistent buffers."""
+        shapes = {name: self.shape(name) for name in self.names()}
+        return shapes | {name: list(buf.shape) for name, buf in self.buffers().items()}
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        """Every tensor, fp32, in the order of :meth:`shapes`."""
+        params = (self.full(name) for name in self.names())
+        return itertools.chain(params, (buf.float() for buf in self.buffers().values()))
+
     def step(self) -> float:
         for handle in self._handles:
             for key in handle.keys():  # noqa: SIM118
@@ -212,16 +224,3 @@ def load_shards(engine: Engine, directory: Path, moments: bool = True) -> None:
                     full = full[rows[0] : rows[0] + slot.shape[0]]
                 flat = full.reshape(-1)[start - slot.offset : end - slot.offset]
                 target[start - lo : end - lo].copy_(flat)
-
-
-def export(directory: Path, out: Path) -> Path:
-    """Consolidate a sharded checkpoint into one safetensors file, one tensor at a time."""
-    reader = ShardReader(directory)
-    names = reader.names()
-    buffers = reader.buffers()
-    shapes = {name: reader.shape(name) for name in names}
-    shapes |= {name: list(buf.shape) for name, buf in buffers.items()}
-    tensors = itertools.chain(
-        (reader.full(name) for name in names), (buf.float() for buf in buffers.values())
-    )
-    return write_streamed(out, shapes, tensors)

@@ -5,9 +5,10 @@ A step directory holds ``model.safetensors`` (weights, tied tensors stored once)
 (optimizer, scheduler, RNG and data-stream state: what an exact resume needs) and
 ``trainer_state.json`` (the same bookkeeping for humans).
 
-With ``engine.kind = "myriad"`` the step directory holds per-rank engine shard files instead of
-``model.safetensors`` (see ``shard_checkpoint.py``); everything here that reads weights in one
-process assembles them from the shards when there is no consolidated file.
+With ``engine.kind = "myriad"`` or ``"fsdp2"`` the step directory holds every rank's shard files
+instead of ``model.safetensors`` (see ``shard_checkpoint.py``); everything here that reads weights
+in one process assembles them from the shards, one tensor at a time, when there is no
+consolidated file.
 
 Atomicity: everything is written into a hidden temporary directory beside the final one, each file
 and the directory are fsynced, the directory is renamed into place, and only then is the ``latest``
@@ -32,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from myriad.engine.streamfile import write_streamed
 from myriad.errors import UserError
 
 WEIGHTS = "model.safetensors"
@@ -233,28 +235,48 @@ def shard_world(step_dir: Path) -> int | None:
     return max(worlds) if worlds else None
 
 
-def _shard_reader(step_dir: Path) -> Any:
+def sharded_weights(step_dir: Path) -> Any:
+    """A reader of a sharded checkpoint's whole tensors, one at a time (``shapes()`` and
+    ``tensors()``): the ``myriad`` engine's shard files or ``fsdp2``'s ``dcp/``; None when
+    ``step_dir`` holds a consolidated ``model.safetensors``."""
+    from myriad.engine.dcp_weights import DCP_DIR, DcpWeights
     from myriad.engine.shards import ShardReader
 
+    if shard_world(step_dir) is not None:
+        make: Callable[[Path], Any] = ShardReader
+    elif not (step_dir / WEIGHTS).exists() and (step_dir / DCP_DIR).is_dir():
+        make = DcpWeights
+    else:
+        return None
+    return _reading(step_dir, lambda: make(step_dir))
+
+
+def _reading(step_dir: Path, read: Callable[[], Any]) -> Any:
+    """``read()``; a damaged shard or layout file (safetensors or JSON errors) is a user error."""
     try:
-        return ShardReader(step_dir)
+        return read()
     except UserError:
         raise
-    except Exception as exc:  # safetensors or JSON errors: a damaged shard or layout file
-        raise UserError(f"corrupt or truncated engine shard files in {step_dir}: {exc}") from None
+    except Exception as exc:
+        raise UserError(f"corrupt or truncated shard files in {step_dir}: {exc}") from None
 
 
 def read_shard_weights(step_dir: Path) -> dict[str, torch.Tensor]:
     """Every parameter (whole, tied ones once) and buffer of a sharded checkpoint, assembled
     from all ranks' shard files. Holds the whole model: for single-process consumers."""
-    reader = _shard_reader(step_dir)
-    try:
-        tensors = {name: reader.full(name) for name in reader.names()}
-    except UserError:
-        raise
-    except Exception as exc:
-        raise UserError(f"corrupt or truncated engine shard files in {step_dir}: {exc}") from None
-    return tensors | reader.buffers()
+    reader = sharded_weights(step_dir)
+    if reader is None:
+        raise UserError(f"{step_dir} holds no shard files")
+    return _reading(step_dir, lambda: dict(zip(reader.shapes(), reader.tensors(), strict=True)))
+
+
+def export_weights(step_dir: Path, out: Path) -> Path:
+    """Consolidate a sharded checkpoint into one safetensors file ``out``, one tensor at a time
+    (never the whole model in memory)."""
+    reader = sharded_weights(step_dir)
+    if reader is None:
+        raise UserError(f"{step_dir} holds consolidated weights already: {step_dir / WEIGHTS}")
+    return _reading(step_dir, lambda: write_streamed(out, reader.shapes(), reader.tensors()))
 
 
 def _load_shard_weights(model: nn.Module, step_dir: Path) -> None:
@@ -266,10 +288,10 @@ def _load_shard_weights(model: nn.Module, step_dir: Path) -> None:
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches
-        raise UserError(f"engine shards in {step_dir} do not match the model: {exc}") from None
+        raise UserError(f"shard files in {step_dir} do not match the model: {exc}") from None
     if missing or unexpected:
         raise UserError(
-            f"engine shards in {step_dir} do not match the model: missing {sorted(missing)[:5]}, "
+            f"shard files in {step_dir} do not match the model: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
 
@@ -277,10 +299,10 @@ def _load_shard_weights(model: nn.Module, step_dir: Path) -> None:
 def load_weights(model: nn.Module, step_dir: Path) -> None:
     """Load ``model.safetensors`` into ``model`` (strict); a bad file is a user error naming it.
 
-    A sharded checkpoint (no ``model.safetensors``) is assembled from its engine shard files.
+    A sharded checkpoint (no ``model.safetensors``) is assembled from its shard files.
     """
     path = step_dir / WEIGHTS
-    if shard_world(step_dir) is not None:
+    if sharded_weights(step_dir) is not None:
         _load_shard_weights(model, step_dir)
         return
     _require_file(path)
@@ -316,20 +338,18 @@ def weights_summary(step_dir: Path) -> dict[str, Any]:
     or garbage file fails here without loading any weights.
     """
     path = step_dir / WEIGHTS
-    world = shard_world(step_dir)
-    if world is not None:
-        reader = _shard_reader(step_dir)
-        shapes = [reader.shape(name) for name in reader.names()]
-        shapes += [list(b.shape) for b in reader.buffers().values()]
-        files = f"{step_dir} ({world} engine shard files)"
-        return {"file": files, "tensors": len(shapes), "parameters": sum(map(math.prod, shapes))}
-    _require_file(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            shapes = [f.get_slice(name).get_shape() for name in f.keys()]  # noqa: SIM118
-    except Exception as exc:  # safetensors raises its own error type for corrupt files
-        raise UserError(f"corrupt or truncated checkpoint weights {path}: {exc}") from None
-    return {"file": str(path), "tensors": len(shapes), "parameters": sum(map(math.prod, shapes))}
+    reader = sharded_weights(step_dir)
+    if reader is not None:
+        source, shapes = reader.source, list(reader.shapes().values())
+    else:
+        _require_file(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                shapes = [f.get_slice(name).get_shape() for name in f.keys()]  # noqa: SIM118
+        except Exception as exc:  # safetensors raises its own error type for corrupt files
+            raise UserError(f"corrupt or truncated checkpoint weights {path}: {exc}") from None
+        source = str(path)
+    return {"file": source, "tensors": len(shapes), "parameters": sum(map(math.prod, shapes))}
 
 
 def read_checkpoint_info(path: Path | str) -> dict[str, Any]:

@@ -10,8 +10,8 @@ parameter and optimizer shards) and those shards (``runtime.CheckpointParts``):
   moments, layout; ``myriad.engine.shards``). No process ever holds the whole model;
   ``checkpoint.load_weights`` and ``myriad export`` read the shards.
 * ``fsdp2``: ``dcp/`` (``torch.distributed.checkpoint``: every rank's parameter and optimizer
-  shards) and ``model.safetensors``, the whole weights, written by rank 0 for single-process
-  readers one tensor at a time (``myriad.engine.streamfile``).
+  shards); ``checkpoint.load_weights`` and ``myriad export`` read them one tensor at a time
+  (``myriad.engine.dcp_weights``).
 
 Both reshard: ``--resume`` works with another number of processes (see :func:`check_resume`).
 
@@ -59,7 +59,7 @@ def checkpoint_root(out_dir: Path, kind: str) -> Path:
 
 def written_world(step_dir: Path) -> int | None:
     """How many processes wrote a sharded checkpoint; None for a consolidated one."""
-    from myriad.engine.fsdp2 import DCP_DIR
+    from myriad.engine.dcp_weights import DCP_DIR
 
     world = checkpoint.shard_world(step_dir)
     if world is None and (step_dir / DCP_DIR).is_dir():

@@ -53,6 +53,9 @@ def test_layout_and_latest_pointer(saved):
     assert json.loads((step_dir / "config.json").read_text()) == to_dict(cfg)
     for path in (root.parent, root, step_dir):  # a run dir, a checkpoints dir or a step dir
         assert resolve_checkpoint(path) == step_dir
+    # `myriad export RUN --out RUN/model.safetensors` leaves the run a run, not a step directory
+    (root.parent / "model.safetensors").write_bytes((step_dir / "model.safetensors").read_bytes())
+    assert resolve_checkpoint(root.parent) == step_dir
     info = read_checkpoint_info(root.parent)
     assert info["step"] == 1 and info["config"]["model"]["d_model"] == 32
     assert info["state"]["loss"] == 1.5

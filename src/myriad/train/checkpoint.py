@@ -191,13 +191,14 @@ def latest_checkpoint(root: Path) -> Path | None:
 def resolve_checkpoint(path: Path) -> Path:
     """A step directory from a run directory, a ``checkpoints`` directory or a step directory."""
     path = Path(path)
+    # A run's checkpoints first: a run directory may hold an exported model.safetensors too.
+    runs = path / "checkpoints"
+    if runs.is_dir() and (found := latest_checkpoint(runs)) is not None:
+        return found
     if (path / WEIGHTS).exists() or (path / STATE_JSON).exists():
         return path
-    for root in (path / "checkpoints", path):
-        if root.is_dir():
-            found = latest_checkpoint(root)
-            if found is not None:
-                return found
+    if path.is_dir() and (found := latest_checkpoint(path)) is not None:
+        return found
     if not path.exists():
         raise UserError(f"checkpoint path not found: {path}")
     raise UserError(f"no checkpoint found in {path} (expected a run, checkpoints or step-* dir)")

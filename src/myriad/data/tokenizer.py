@@ -30,7 +30,9 @@ _MIN_VOCAB = 64
 TRAINER_VERSION = 3  # 3: NFKC first; 2: myriad.data.wordpiece; 1: tokenizers' own trainer
 
 
-def _bert_style_tokenizer(vocab: dict[str, int] | None = None) -> Tokenizer:
+def bert_style_tokenizer(vocab: dict[str, int] | None = None) -> Tokenizer:
+    """A WordPiece tokenizer over ``vocab`` (none yet: untrained) with Myriad's normalisation
+    and pre-tokenisation; no post-processor."""
     model = models.WordPiece(
         vocab or {}, unk_token=SPECIAL_TOKENS["unk"], continuing_subword_prefix="##"
     )
@@ -48,7 +50,7 @@ def _bert_style_tokenizer(vocab: dict[str, int] | None = None) -> Tokenizer:
     return tokenizer
 
 
-_WORD_SPLITTER = _bert_style_tokenizer()
+_WORD_SPLITTER = bert_style_tokenizer()
 
 
 def words_of(text: str) -> list[str]:
@@ -92,7 +94,7 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, path: Path) -> To
     vocab = train_wordpiece(
         count_words(documents), vocab_size, SPECIAL_TOKENS.values(), joins_words
     )
-    tokenizer = _bert_style_tokenizer(vocab)
+    tokenizer = bert_style_tokenizer(vocab)
     ids = special_ids(tokenizer)
     tokenizer.post_processor = processors.BertProcessing(
         ("[SEP]", ids["sep"]), ("[CLS]", ids["cls"])

@@ -33,13 +33,7 @@ from myriad.data.corpus import Corpus, open_corpus
 from myriad.data.loader import Batch, BatchStream, TargetMaker, heldout_batches
 from myriad.data.masking import MaskingSpec
 from myriad.data.packing import FORMAT_VERSION, PackedCorpus, open_packed, pack_corpus
-from myriad.data.tokenizer import (
-    TRAINER_VERSION,
-    file_hash,
-    load_tokenizer,
-    special_ids,
-    train_tokenizer,
-)
+from myriad.data.tokenizer import file_hash, load_tokenizer, special_ids, train_tokenizer
 from myriad.errors import UserError
 
 logger = logging.getLogger("myriad.data")
@@ -183,12 +177,9 @@ def _obtain_tokenizer(
         report(f"using tokenizer {source}")
         return path
     sidecar = out_dir / "data" / "tokenizer.meta.json"
-    wanted = {
-        "corpus": corpus.describe(),
-        "vocab_size": vocab_size,
-        "version": FORMAT_VERSION,
-        "trainer": TRAINER_VERSION,
-    }
+    # No trainer version in the key: a run folder keeps the tokenizer it started with, so a
+    # --resume after an upgrade goes on with the vocabulary its weights learnt.
+    wanted = {"corpus": corpus.describe(), "vocab_size": vocab_size, "version": FORMAT_VERSION}
     if path.is_file() and sidecar.is_file():
         saved = json.loads(sidecar.read_text(encoding="utf-8"))
         if saved.get("inputs") == wanted and saved.get("sha256") == file_hash(path):

@@ -27,7 +27,6 @@ from myriad.errors import UserError
 
 SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 _MIN_VOCAB = 64
-TRAINER_VERSION = 3  # 3: NFKC first; 2: myriad.data.wordpiece; 1: tokenizers' own trainer
 
 
 def bert_style_tokenizer(vocab: dict[str, int] | None = None) -> Tokenizer:

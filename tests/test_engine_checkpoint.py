@@ -79,6 +79,11 @@ def test_reshard_two_to_one_and_export(tmp_path, capsys):
     assert main(["export", str(shards), "--out", str(cli_out)]) == 0
     assert cli_out.read_bytes() == path.read_bytes()
     assert main(["export", str(tmp_path), "--out", str(cli_out)]) == 2  # no shard files there
+    blocked = cli_out / "model.safetensors"  # its folder is a file: a write error, one line
+    capsys.readouterr()
+    assert main(["export", str(shards), "--out", str(blocked)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"myriad: error: cannot write {blocked}") and len(err.splitlines()) == 1
     consolidated = tmp_path / "export"  # a step directory with whole weights
     assert main(["export", str(consolidated), "--out", str(cli_out)]) == 2
     assert "holds consolidated weights already" in capsys.readouterr().err

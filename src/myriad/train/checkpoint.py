@@ -277,7 +277,13 @@ def export_weights(step_dir: Path, out: Path) -> Path:
     reader = sharded_weights(step_dir)
     if reader is None:
         raise UserError(f"{step_dir} holds consolidated weights already: {step_dir / WEIGHTS}")
-    return _reading(step_dir, lambda: write_streamed(out, reader.shapes(), reader.tensors()))
+    shapes = _reading(step_dir, reader.shapes)
+    tensors = reader.tensors()
+    each = (_reading(step_dir, lambda: next(tensors)) for _ in shapes)  # read errors: the shards
+    try:
+        return write_streamed(out, shapes, each)
+    except OSError as exc:  # what is left is the output's: a missing folder, a full disk
+        raise UserError(f"cannot write {out}: {exc}") from None
 
 
 def _load_shard_weights(model: nn.Module, step_dir: Path) -> None:

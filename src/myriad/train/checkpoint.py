@@ -268,6 +268,10 @@ def read_shard_weights(step_dir: Path) -> dict[str, torch.Tensor]:
     reader = sharded_weights(step_dir)
     if reader is None:
         raise UserError(f"{step_dir} holds no shard files")
+    return _all_tensors(step_dir, reader)
+
+
+def _all_tensors(step_dir: Path, reader: Any) -> dict[str, torch.Tensor]:
     return _reading(step_dir, lambda: dict(zip(reader.shapes(), reader.tensors(), strict=True)))
 
 
@@ -286,8 +290,8 @@ def export_weights(step_dir: Path, out: Path) -> Path:
         raise UserError(f"cannot write {out}: {exc}") from None
 
 
-def _load_shard_weights(model: nn.Module, step_dir: Path) -> None:
-    state = read_shard_weights(step_dir)
+def _load_shard_weights(model: nn.Module, step_dir: Path, reader: Any) -> None:
+    state = _all_tensors(step_dir, reader)
     canonical = {p: n for n, p in model.named_parameters()}
     for name, p in model.named_parameters(remove_duplicate=False):  # tied aliases
         if name not in state and canonical[p] in state:
@@ -309,8 +313,9 @@ def load_weights(model: nn.Module, step_dir: Path) -> None:
     A sharded checkpoint (no ``model.safetensors``) is assembled from its shard files.
     """
     path = step_dir / WEIGHTS
-    if sharded_weights(step_dir) is not None:
-        _load_shard_weights(model, step_dir)
+    reader = sharded_weights(step_dir)
+    if reader is not None:  # opened once: its files' headers and layouts are read here
+        _load_shard_weights(model, step_dir, reader)
         return
     _require_file(path)
     try:

@@ -6,7 +6,8 @@ CPU (default): a small MoE LM trained for a few steps in each mode, each mode in
 * ``none``: the plain model and torch's fused AdamW (the reference losses);
 * ``myriad``: Myriad's chunked engine in one process; ``myriad-offload``: the same under a small
   device budget (evicts every step), ``-overlap`` with ``engine.overlap_step = "on"``;
-  ``myriad-2r``: 2 ranks; ``myriad-2r-ep``: 2 ranks with expert parallelism and offload;
+  ``myriad-2r``: 2 ranks (``-ondemand``: ``engine.gather_ahead = 0``, no all-gather started
+  while the previous chunk computes); ``myriad-2r-ep``: 2 ranks with expert parallelism and offload;
   ``-bf16``: ``engine.param_dtype = reduce_dtype = bfloat16`` (bf16 gathered parameters and
   gradient shards, fp32 masters and moments);
 * ``fsdp2-2r`` / ``fsdp2-2r-offload`` / ``fsdp2-2r-bf16``: PyTorch FSDP2 on 2 ranks, without /
@@ -26,7 +27,7 @@ heads, 8 KV heads, vocab 32000, batch 4 x 2048, bf16 autocast), or with ``--mode
 twin of similar total size (every 2nd FFN is 8 experts of width 1024, top-2), built directly on
 the GPU, in one process: ``none`` (all on the GPU), ``myriad-offload`` (under ``--budget-gb``),
 ``myriad-offload-bf16`` (bf16 parameters, fp32 masters; ``-serial``: without
-``engine.overlap_step``) and ``fsdp2-offload`` (``-bf16``); step
+``engine.overlap_step``; ``-ondemand``: without ``engine.gather_ahead``) and ``fsdp2-offload`` (``-bf16``); step
 time, TFLOP/s (6 x active parameters x tokens / step), peak GPU memory over the steps, host RSS
 per parameter, and for the offload modes the largest model host RAM holds at that RSS per
 parameter (extrapolated). ``--json PATH`` also writes the rows. When DeepSpeed is installed, its
@@ -76,6 +77,7 @@ MODES: dict[str, tuple[int, dict[str, Any]]] = {
     # the host payloads' AdamW in a thread during the next forward (off by default on a CPU)
     "myriad-offload-overlap": (1, {**MYRIAD, "device_budget_mb": 120.0, "overlap_step": "on"}),
     "myriad-2r": (2, MYRIAD),
+    "myriad-2r-ondemand": (2, {**MYRIAD, "gather_ahead": 0}),  # no all-gather started ahead
     "myriad-2r-ep": (2, EP_OFFLOAD),
     "myriad-2r-bf16": (2, {**MYRIAD, **BF16}),
     "myriad-2r-ep-bf16": (2, {**EP_OFFLOAD, **BF16, "device_budget_mb": 80.0}),
@@ -90,6 +92,8 @@ GPU_MODES: dict[str, tuple[int, dict[str, Any]]] = {
     "myriad-offload-bf16": (1, {**GPU_MYRIAD, **BF16}),
     # the optimizer step of host payloads not overlapped with the next forward (auto: it is)
     "myriad-offload-bf16-serial": (1, {**GPU_MYRIAD, **BF16, "overlap_step": "off"}),
+    # each chunk's host shard staged and copied when its module runs, not ahead on a side stream
+    "myriad-offload-bf16-ondemand": (1, {**GPU_MYRIAD, **BF16, "gather_ahead": 0}),
     "fsdp2-offload": (1, {"kind": "fsdp2", "cpu_offload": True}),
     "fsdp2-offload-bf16": (1, {"kind": "fsdp2", "cpu_offload": True, **BF16}),
     "deepspeed-zero2-offload": (1, {"stage": 2}),  # benchmarks/engine_deepspeed.py, if installed

@@ -1,7 +1,8 @@
 """On a CUDA device: the engine with host offload (pinned memory, mixed-device AdamW), non-model
-memory traced by the allocator probe, payloads prefetched on a side stream and the host payloads'
-optimizer step overlapped with the next forward gives the plain model's losses, and the device's
-real peak after the warm-up stays under the budget. Skipped without CUDA."""
+memory traced by the allocator probe, payloads prefetched on a side stream, gathers started ahead
+on another, and the host payloads' optimizer step overlapped with the next forward gives the
+plain model's losses, and the device's real peak after the warm-up stays under the budget.
+Skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -90,3 +91,7 @@ def test_cuda_offload_prefetch_matches_plain_model_under_budget():
     assert report["overlapped_updates"] > 0
     serial, _ = _losses(dataclasses.replace(cfg, overlap_step="off"))
     assert losses == serial
+    # the next chunk's gather (host shard staged, then copied) runs on its own stream ahead
+    assert report["gather_ahead"] == 1 and report["gathers_ahead"] > 0
+    on_demand, _ = _losses(dataclasses.replace(cfg, gather_ahead=0))
+    assert losses == on_demand

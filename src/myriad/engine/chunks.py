@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from myriad.engine.comm import Comm
+from myriad.engine.gather_ahead import GatherOrder, Gatherer, Started
 from myriad.engine.optim import shard_param
 from myriad.engine.placement import MemoryManager
 from myriad.engine.precision import MASTER, Precision
@@ -114,6 +115,10 @@ class ChunkStore:
             for slot in chunk.slots:
                 self.index[slot.param] = chunk
         self.manager: MemoryManager | None = None  # set by the engine
+        self.order = GatherOrder()
+        self.gatherer = Gatherer(device, self.precision.param)
+        self.ahead: dict[int, Started] = {}  # chunk id -> its gather started ahead, unused yet
+        self.counts = {"gathers_ahead": 0, "gathers_ahead_unused": 0}
 
     def materialize(self) -> None:
         """Copy each parameter's current values into its chunk, keep this rank's shard (fp32
@@ -161,13 +166,25 @@ class ChunkStore:
         """One fp32 master shard (staged on the device when its payload is on the host)."""
         return chunk.shard_numel * 4
 
-    def gather(self, chunk: Chunk) -> None:
-        """All-gather the chunk's parameters into its full buffer (no-op if already there)."""
-        if chunk.gathered:
-            return
-        assert chunk.full_C is not None and chunk.shard_S is not None and self.manager is not None
+    def gather(self, chunk: Chunk, follow: bool = False) -> bool:
+        """Make the chunk's full buffer hold its parameters, all-gathered from the owners' shards.
+
+        Returns whether this is the chunk's first use since its release: it was gathered now, or
+        a gather started ahead has finished now. ``follow`` marks a training pass's gather: the
+        warm-up records it, later ones start the next chunks' gathers (``gather_ahead``)."""
+        started = self.ahead.pop(chunk.index, None)
+        if chunk.gathered and started is None:
+            return False
+        assert self.manager is not None
         if torch.is_grad_enabled():
             self.manager.touch(chunk.index)
+        (started or self._start_gather(chunk, ahead=False)).finish(self.manager.free)
+        if follow:
+            self._follow(chunk)
+        return True
+
+    def _start_gather(self, chunk: Chunk, ahead: bool) -> Started:
+        assert chunk.full_C is not None and chunk.shard_S is not None and self.manager is not None
         self.manager.ready(chunk.index)  # a payload loaded ahead: wait for its copy
         self.manager.alloc(self.full_bytes(chunk), keep=chunk.index)
         _alloc(chunk.full_C)
@@ -178,15 +195,19 @@ class ChunkStore:
         nbytes = self.shard_bytes(chunk) * staged + cast_bytes * cast
         if nbytes:
             self.manager.alloc(nbytes, keep=chunk.index)
-        if staged:
-            shard_S = shard_S.to(self.device, non_blocking=True)
-        if cast:
-            shard_S = shard_S.to(self.precision.param)
-        chunk.comm.all_gather(chunk.full_C, shard_S)
-        if nbytes:
-            del shard_S
-            self.manager.free(nbytes)
         chunk.gathered = True
+        return self.gatherer.start(chunk.comm, chunk.full_C, shard_S, nbytes, ahead)
+
+    def _follow(self, chunk: Chunk) -> None:
+        assert self.manager is not None
+        if self.manager.tracing:
+            self.order.record(chunk.index)
+            return
+        for cid in self.order.next_after(chunk.index):
+            nxt = self.chunks[cid]
+            if not nxt.gathered:
+                self.ahead[cid] = self._start_gather(nxt, ahead=True)
+                self.counts["gathers_ahead"] += 1
 
     def gather_master(self, chunk: Chunk) -> torch.Tensor:
         """The chunk's fp32 master values in full, for checkpoints (a collective). With fp32
@@ -206,6 +227,10 @@ class ChunkStore:
         if not chunk.gathered:
             return
         assert chunk.full_C is not None and self.manager is not None
+        started = self.ahead.pop(chunk.index, None)
+        if started is not None:  # gathered ahead, never used: its collective must end first
+            started.finish(self.manager.free)
+            self.counts["gathers_ahead_unused"] += 1
         _free(chunk.full_C)
         self.manager.free(self.full_bytes(chunk))
         chunk.gathered = False
@@ -215,7 +240,7 @@ class ChunkStore:
         if chunk.grad_C is not None:
             return
         assert self.manager is not None
-        self.gather(chunk)
+        self.gather(chunk, follow=True)
         self.manager.alloc(self.grad_bytes(chunk), keep=chunk.index)
         chunk.grad_C = torch.zeros(chunk.capacity, dtype=self.precision.reduce, device=self.device)
         chunk.pending = len(chunk.slots)
@@ -258,6 +283,7 @@ class ChunkStore:
             if chunk.grad_C is not None:
                 self.reduce(chunk)
             self.release(chunk)
+        self.order.restart()
         if self.manager is not None:  # the clip and the optimizer read every payload next
             self.manager.settle()
 

@@ -37,10 +37,10 @@ class Comm:
     def active(self) -> bool:
         return self.world > 1
 
-    def _run(self, name: str, fn: Callable[[], Any]) -> None:
+    def _run(self, name: str, fn: Callable[[], Any]) -> Any:
         try:
             with torch.no_grad():
-                fn()
+                return fn()
         except RuntimeError as exc:
             if not _is_peer_failure(exc):
                 raise
@@ -50,12 +50,20 @@ class Comm:
                 f"{str(exc).splitlines()[0][:200]}"
             ) from exc
 
-    def all_gather(self, out: torch.Tensor, shard: torch.Tensor) -> None:
-        """``out`` = concatenation of every rank's ``shard`` (a copy with one rank)."""
+    def all_gather(
+        self, out: torch.Tensor, shard: torch.Tensor, async_op: bool = False
+    ) -> Callable[[], None] | None:
+        """``out`` = concatenation of every rank's ``shard`` (a copy with one rank). With
+        ``async_op`` and several ranks the collective is only started: the function returned
+        waits for it (``out`` and ``shard`` must not be touched before)."""
         if not self.active:
             out.copy_(shard)
-            return
-        self._run("all_gather", lambda: _all_gather(out, shard, group=self.group))
+            return None
+        gather = lambda: _all_gather(out, shard, group=self.group, async_op=async_op)  # noqa: E731
+        work = self._run("all_gather", gather)
+        if work is None:
+            return None
+        return lambda: self._run("all_gather", work.wait)
 
     def reduce_scatter(self, out: torch.Tensor, full: torch.Tensor) -> None:
         """``out`` = this rank's 1/world slice of the sum of every rank's ``full``."""
@@ -64,10 +72,11 @@ class Comm:
             return
         self._run("reduce_scatter", lambda: _reduce_scatter(out, full, group=self.group))
 
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks, in place."""
+    def all_reduce(self, t: torch.Tensor, op: Any = None) -> torch.Tensor:
+        """Sum (or ``op``, a ``dist.ReduceOp``) over ranks, in place."""
         if self.active:
-            self._run("all_reduce", lambda: dist.all_reduce(t, group=self.group))
+            op = dist.ReduceOp.SUM if op is None else op
+            self._run("all_reduce", lambda: dist.all_reduce(t, op=op, group=self.group))
         return t
 
     def all_to_all(

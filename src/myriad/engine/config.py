@@ -29,6 +29,7 @@ class EngineConfig:
     timeout_s: float = 300.0  # a collective waiting longer than this fails with a clear error
     backend: str = "auto"  # "auto" (nccl on CUDA, gloo on CPU), "gloo" or "nccl"
     prefetch_mb: float = 256.0  # payload bytes loaded ahead of use after the warm-up; 0 = off
+    gather_ahead: int = 1  # chunks whose all-gather starts while the one before computes; 0 = off
     param_dtype: str = "float32"  # gathered parameters and compute: "float32" or "bfloat16"
     reduce_dtype: str = "float32"  # gradient reduce-scatter and gradient shard: same choices
     # host-resident payloads' Adam in a background thread, during the next forward: "auto" (on
@@ -49,6 +50,7 @@ class EngineConfig:
             (self.timeout_s > 0, "engine.timeout_s must be > 0"),
             (self.backend in ("auto", "gloo", "nccl"), "engine.backend must be auto, gloo or nccl"),
             (self.prefetch_mb >= 0, "engine.prefetch_mb must be >= 0"),
+            (self.gather_ahead >= 0, "engine.gather_ahead must be >= 0"),
             (self.param_dtype in DTYPE_NAMES, f"engine.param_dtype must be one of {DTYPE_NAMES}"),
             (self.reduce_dtype in DTYPE_NAMES, f"engine.reduce_dtype must be one of {DTYPE_NAMES}"),
             (self.overlap_step in SWITCHES, f"engine.overlap_step must be one of {SWITCHES}"),

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from myriad.engine.chunks import Chunk, ChunkStore, pack
@@ -118,6 +119,8 @@ class Engine:
             "world": self.comm.world,
             "expert_parallel_size": self.expert_groups.size if self.expert_groups else 0,
             "overlapped_updates": self.updates.submitted,
+            "gather_ahead": self.store.order.depth,
+            **self.store.counts,
             **self.manager.report(),
         }
 
@@ -137,7 +140,7 @@ class Engine:
             betas=betas,
             eps=eps,
             before_step=self._before_step,
-            after_step=self.manager.end_step,
+            after_step=self._after_step,
             low_grads={
                 c.shard_S: c.grad_S
                 for c in self.store.chunks
@@ -168,6 +171,25 @@ class Engine:
         for chunk in self.store.chunks:
             self.manager.touch(chunk.index)
         self.manager.settle()  # loads ahead must land before the step reads the payloads
+
+    def _after_step(self) -> None:
+        warming_up = self.manager.tracing
+        self.manager.end_step()
+        if warming_up and not self.manager.tracing:
+            self.store.order.depth = self._agree_gather_ahead()
+
+    def _agree_gather_ahead(self) -> int:
+        """``engine.gather_ahead``, lowered until that many more gathered chunks (staging and
+        cast buffers included) fit every traced position's room on every rank: the ranks must
+        all start the same gathers ahead, or their collectives would pair up wrongly."""
+        depth = self.cfg.gather_ahead
+        spare = self.manager.spare_room()
+        if depth and spare is not None:
+            store = self.store
+            need = max(store.full_bytes(c) + 2 * store.shard_bytes(c) for c in store.chunks)
+            depth = min(depth, max(spare, 0) // need)
+        agreed = torch.tensor([depth], device=self.device)
+        return int(self.comm.all_reduce(agreed, op=dist.ReduceOp.MIN).item())
 
     def move_payload(self, cid: int, to_device: bool) -> None:
         """Relocate chunk ``cid``'s shard, gradient and Adam moments to one tier.

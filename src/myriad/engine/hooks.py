@@ -83,10 +83,10 @@ class Hooks:
         self.handles.clear()
 
     def _pre(self, module: nn.Module, _args: Any) -> None:
+        training = torch.is_grad_enabled()
         for chunk in self.module_chunks[module]:
-            if not chunk.gathered:
+            if self.store.gather(chunk, follow=training):  # its first use since released
                 self.remaining[chunk.index] = self.uses[chunk.index]
-                self.store.gather(chunk)
             self.in_use[chunk.index] = self.in_use.get(chunk.index, 0) + 1
 
     def _post(self, module: nn.Module, _args: Any, out: Any) -> None:

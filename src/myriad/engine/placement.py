@@ -158,6 +158,13 @@ class MemoryManager:
         """The trace position of the latest access (the interval the step is in)."""
         return (self.pos - 1) % len(self.trace)
 
+    def spare_room(self) -> int | None:
+        """After the warm-up: the least room any position leaves beyond its traced transient
+        bytes with every payload on the host (None: no budget)."""
+        if self.budget is None:
+            return None
+        return min(r - t for r, t in zip(self.room, self.transient_peak, strict=True))
+
     # --- byte accounting -------------------------------------------------------------------
     def alloc(self, nbytes: int, keep: int = -1) -> None:
         """Account ``nbytes`` of transient device memory (a gathered chunk), evicting payloads

@@ -43,6 +43,7 @@ RESUMABLE_CHANGES = frozenset(
         "train.precision",
         "engine.device_budget_mb",
         "engine.prefetch_mb",
+        "engine.gather_ahead",
         "engine.timeout_s",
         "engine.backend",
         "engine.chunk_mb",  # engine shards are read by parameter name, whatever the layout

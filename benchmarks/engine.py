@@ -27,11 +27,12 @@ heads, 8 KV heads, vocab 32000, batch 4 x 2048, bf16 autocast), or with ``--mode
 twin of similar total size (every 2nd FFN is 8 experts of width 1024, top-2), built directly on
 the GPU, in one process: ``none`` (all on the GPU), ``myriad-offload`` (under ``--budget-gb``),
 ``myriad-offload-bf16`` (bf16 parameters, fp32 masters; ``-serial``: without
-``engine.overlap_step``; ``-ondemand``: without ``engine.gather_ahead``) and ``fsdp2-offload`` (``-bf16``); step
-time, TFLOP/s (6 x active parameters x tokens / step), peak GPU memory over the steps, host RSS
-per parameter, and for the offload modes the largest model host RAM holds at that RSS per
-parameter (extrapolated). ``--json PATH`` also writes the rows. When DeepSpeed is installed, its
-ZeRO-2 and ZeRO-3 CPU-offload rows run in the same table (``benchmarks/engine_deepspeed.py``).
+``engine.overlap_step``; ``-ondemand``: without ``engine.gather_ahead``) and ``fsdp2-offload``
+(``-bf16``); step time, TFLOP/s (6 x active parameters x tokens / step), peak GPU memory over
+the steps, host RSS per parameter, and for the offload modes the largest model host RAM holds at
+that RSS per parameter (extrapolated). ``--json PATH`` also writes the rows. When DeepSpeed is
+installed, its ZeRO-2 and ZeRO-3 CPU-offload rows run in the same table
+(``benchmarks/engine_deepspeed.py``).
 ``benchmarks/gpu_engine.sh`` runs all of it in one GPU session.
 
 Run:  python benchmarks/engine.py [--steps 4] [--d-model 256] [--layers 4] [--modes ...]

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from myriad.engine.comm import Comm
-from myriad.engine.gather_ahead import GatherOrder, Gatherer, Started
+from myriad.engine.gather_ahead import Gatherer, GatherOrder, Started
 from myriad.engine.optim import shard_param
 from myriad.engine.placement import MemoryManager
 from myriad.engine.precision import MASTER, Precision

@@ -1,8 +1,9 @@
 """On a CUDA device: the engine with host offload (pinned memory, mixed-device AdamW), non-model
 memory traced by the allocator probe, payloads prefetched on a side stream, gathers started ahead
-on another, and the host payloads' optimizer step overlapped with the next forward gives the
-plain model's losses, and the device's real peak after the warm-up stays under the budget.
-Skipped without CUDA."""
+on another, gradient shards copied to the host without a wait (with gradient accumulation too),
+and the host payloads' optimizer step overlapped with the next forward gives the plain model's
+losses, and the device's real peak after the warm-up stays under the budget. Skipped without
+CUDA."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ CHUNK_MB = 0.02
 ROOM_MB = 0.5  # managed bytes beyond the traced non-model memory: evicts every step
 
 
-def _losses(engine_cfg: EngineConfig | None) -> tuple[list[float], dict]:
+def _losses(engine_cfg: EngineConfig | None, micro: int = 1) -> tuple[list[float], dict]:
     """Losses of STEPS steps; with the engine also its report, the payload tiers, and the
     allocator's peak over the steps after the warm-up."""
     gc.collect()  # earlier runs' tensors must not count as this run's non-model memory
@@ -56,10 +57,10 @@ def _losses(engine_cfg: EngineConfig | None) -> tuple[list[float], dict]:
         device=dev,
         sync=engine,
     )
-    losses = [step(batches(0, 1)).loss]  # the warm-up (the probe resets the peak statistic)
+    losses = [step(batches(0, micro)).loss]  # the warm-up (the probe resets the peak statistic)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    losses += [step(batches(s, 1)).loss for s in range(1, STEPS)]
+    losses += [step(batches(s, micro)).loss for s in range(1, STEPS)]
     torch.cuda.synchronize()
     if engine is None:
         return losses, {}
@@ -95,3 +96,8 @@ def test_cuda_offload_prefetch_matches_plain_model_under_budget():
     assert report["gather_ahead"] == 1 and report["gathers_ahead"] > 0
     on_demand, _ = _losses(dataclasses.replace(cfg, gather_ahead=0))
     assert losses == on_demand
+    # host gradient shards receive their first gradient by an asynchronous copy, then adds
+    assert report["async_grad_copies"] > 0
+    two, two_report = _losses(cfg, micro=2)
+    assert two == pytest.approx(_losses(None, micro=2)[0], rel=1e-5)
+    assert two_report["async_grad_copies"] > 0

@@ -25,6 +25,7 @@ from torch import nn
 
 from myriad.engine.comm import Comm
 from myriad.engine.gather_ahead import Gatherer, GatherOrder, Started
+from myriad.engine.grad_writer import GradWriter
 from myriad.engine.optim import shard_param
 from myriad.engine.placement import MemoryManager
 from myriad.engine.precision import MASTER, Precision
@@ -55,6 +56,7 @@ class Chunk:
     shard_S: torch.Tensor | None = None  # master parameter shard (the optimizer's "param")
     grad_S: torch.Tensor | None = None  # gradient shard (shard_S.grad itself when fp32)
     gathered: bool = False
+    grad_clean: bool = True  # grad_S is all zeros: the next reduced gradient is copied, not added
     pending: int = 0  # parameters still to receive their gradient in this backward
 
     @property
@@ -117,6 +119,7 @@ class ChunkStore:
         self.manager: MemoryManager | None = None  # set by the engine
         self.order = GatherOrder()
         self.gatherer = Gatherer(device, self.precision.param)
+        self.grad_writer = GradWriter()
         self.ahead: dict[int, Started] = {}  # chunk id -> its gather started ahead, unused yet
         self.counts = {"gathers_ahead": 0, "gathers_ahead_unused": 0}
 
@@ -270,7 +273,8 @@ class ChunkStore:
         chunk.comm.reduce_scatter(out_S, chunk.grad_C)
         if chunk.comm.world > 1:
             out_S.div_(chunk.comm.world)
-        chunk.grad_S.add_(out_S.to(chunk.grad_S.device))
+        self.grad_writer.write(chunk.index, chunk.grad_S, out_S, chunk.grad_clean)
+        chunk.grad_clean = False
         del out_S
         self.manager.free(out_bytes)
         chunk.grad_C = None
@@ -284,6 +288,7 @@ class ChunkStore:
                 self.reduce(chunk)
             self.release(chunk)
         self.order.restart()
+        self.grad_writer.wait_all()
         if self.manager is not None:  # the clip and the optimizer read every payload next
             self.manager.settle()
 

@@ -121,6 +121,7 @@ class Engine:
             "overlapped_updates": self.updates.submitted,
             "gather_ahead": self.store.order.depth,
             **self.store.counts,
+            "async_grad_copies": self.store.grad_writer.async_copies,
             **self.manager.report(),
         }
 
@@ -148,13 +149,18 @@ class Engine:
             },
             later=self._overlapped_shards if self.overlap else None,
             worker=self.updates,
+            on_zero=self._grad_zeroed,
         )
         self.optimizer = optimizer
+        self._chunk_of_shard = {c.shard_S: c for c in self.store.chunks}
         for cid, home in self.host_home.items():  # host payloads: moments into their homes too
             shard_S = self.store.chunks[cid].shard_S
             if shard_S is not None and shard_S.data_ptr() == home[0].data_ptr():
                 self.move_payload(cid, False)
         return optimizer
+
+    def _grad_zeroed(self, shard_S: torch.Tensor) -> None:
+        self._chunk_of_shard[shard_S].grad_clean = True
 
     def _overlapped_shards(self) -> dict[torch.Tensor, int]:
         """Host-resident shards (after the warm-up) -> chunk id, in the forward's order of use."""
@@ -201,6 +207,7 @@ class Engine:
         allocation (``hostmem``), allocated once.
         """
         self.updates.wait(cid)
+        self.store.grad_writer.wait(cid)
         chunk = self.store.chunks[cid]
         assert chunk.shard_S is not None and chunk.grad_S is not None
         tensors = [chunk.shard_S, chunk.grad_S]  # grad_S is shard_S.grad unless low-precision

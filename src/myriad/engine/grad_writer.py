@@ -1,0 +1,58 @@
+"""Each reduced gradient shard into its chunk's gradient shard, without stalling the host.
+
+The first gradient a shard receives after it was zeroed is copied into it; later ones (gradient
+accumulation over micro-batches) are added. When the shard lives in host memory and the
+gradient on the GPU, the copy into the shard's pinned home runs on a side stream, after the
+compute queued so far, and the host goes on queueing the backward. A blocking copy there (what
+``add_(out.to("cpu"))`` is) made the host wait for the GPU at every chunk of the backward, and
+the GPU then idled while the host added and queued the next kernels. The reduced tensor is
+marked as used on the side stream (``record_stream``), so its memory is not handed out again
+before the copy has read it; the shard itself is read only after ``wait`` (the next add into
+it, a payload move, and the end of the backward, before the clip and the optimizer).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class GradWriter:
+    """Copies into clean gradient shards (asynchronously from CUDA to pinned host memory) and
+    adds into the others; ``wait(cid)`` / ``wait_all()`` before a shard is read."""
+
+    def __init__(self) -> None:
+        self._stream: Any = None
+        self.pending: dict[int, Any] = {}  # chunk id -> the CUDA event after its copy
+        self.async_copies = 0
+
+    def write(self, cid: int, grad_S: torch.Tensor, out_S: torch.Tensor, clean: bool) -> None:
+        """Put ``out_S`` (a reduced gradient shard) into ``grad_S``: a copy when ``clean``."""
+        self.wait(cid)
+        if not clean:
+            grad_S.add_(out_S.to(grad_S.device))
+        elif out_S.is_cuda and grad_S.device.type == "cpu" and grad_S.is_pinned():
+            current = torch.cuda.current_stream(out_S.device)
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(out_S.device)
+            self._stream.wait_stream(current)
+            with torch.cuda.stream(self._stream):
+                grad_S.copy_(out_S, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self._stream)
+            out_S.record_stream(self._stream)
+            self.pending[cid] = event
+            self.async_copies += 1
+        else:
+            grad_S.copy_(out_S)
+
+    def wait(self, cid: int) -> None:
+        """Block until chunk ``cid``'s gradient copy (if one is pending) has landed."""
+        event = self.pending.pop(cid, None)
+        if event is not None:
+            event.synchronize()
+
+    def wait_all(self) -> None:
+        for cid in list(self.pending):
+            self.wait(cid)

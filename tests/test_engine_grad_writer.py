@@ -1,9 +1,11 @@
 """Reduced gradient shards are copied into zeroed gradient shards and added into the others.
 
-The writer alone: a clean shard receives a copy, a used one a sum. Through the engine in one
-process, with two micro-batches per step (the second one adds), under an evicting budget and
-with the optimizer step overlapped: the losses and weights equal the plain model's, every
-shard is marked used after the backward and clean again once its gradient is zeroed.
+The writer alone: a clean shard receives a copy and keeps the copy's sum of squares for the
+clip, a used one a sum (and loses it); the blocked sum of squares against float64. Through the
+engine in one process, plain, under an evicting budget and with the optimizer step overlapped,
+with one and two micro-batches per step (the second one adds): the losses and
+gradient norms equal the plain model's, every shard is marked used after the backward and clean
+again once its gradient is zeroed.
 """
 
 from __future__ import annotations
@@ -15,12 +17,11 @@ from test_engine_support import (
     batches,
     build_model,
     make_step,
-    reference_losses,
     run_config,
 )
 
 from myriad.engine.comm import Comm
-from myriad.engine.grad_writer import GradWriter
+from myriad.engine.grad_writer import BLOCK, GradWriter, sum_of_squares
 
 STEPS = 3
 
@@ -28,9 +29,22 @@ STEPS = 3
 def test_copy_into_clean_shard_add_into_used_one():
     writer, grad = GradWriter(), torch.zeros(4)
     writer.write(0, grad, torch.tensor([1.0, -0.0, 2.0, 3.0]), clean=True)
+    assert grad.tolist() == [1.0, 0.0, 2.0, 3.0] and writer.squares[0].item() == 14.0
     writer.write(0, grad, torch.tensor([0.5, 1.0, 1.0, -3.0]), clean=False)
     assert grad.tolist() == [1.5, 1.0, 3.0, 0.0]
+    assert writer.squares == {}  # the sum no longer holds: the clip sums the shard itself
     assert writer.pending == {} and writer.async_copies == 0  # no CUDA: copies are synchronous
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [0, 5, BLOCK, 3 * BLOCK + 7, 2_000_003])
+def test_sum_of_squares(dtype, n):
+    t = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype)
+    want = t.double().pow(2).sum().item()
+    got = sum_of_squares(t)
+    assert got.dtype == torch.float32
+    # an fp32 running sum over a row of BLOCK elements: error about sqrt(BLOCK) * 6e-8 = 4e-6
+    assert got.item() == pytest.approx(want, rel=1e-5, abs=1e-30)
 
 
 @pytest.mark.parametrize(
@@ -42,7 +56,8 @@ def test_copy_into_clean_shard_add_into_used_one():
     ],
     ids=["plain", "offload", "offload_overlapped"],
 )
-def test_two_micro_batches_match_the_plain_model(one_thread, kw):
+@pytest.mark.parametrize("micro", [1, 2])
+def test_micro_batches_match_the_plain_model(one_thread, kw, micro):
     cfg = run_config()
     model = build_model(cfg)
     engine = apply_engine(model, Comm(), **kw)
@@ -52,15 +67,24 @@ def test_two_micro_batches_match_the_plain_model(one_thread, kw):
     clip = engine.clip_grad_norm_
 
     def clip_and_record(max_norm: float) -> torch.Tensor:  # runs right after the backward
-        after_backward.append([c.grad_clean for c in chunks])
+        clean = [c.grad_clean for c in chunks]
+        after_backward.append((clean, sorted(engine.store.grad_writer.squares)))
         return clip(max_norm)
 
     engine.clip_grad_norm_ = clip_and_record  # type: ignore[method-assign]
     assert all(c.grad_clean for c in chunks)
-    losses = []
+    losses, norms = [], []
     for s in range(STEPS):
-        losses.append(step(batches(s, 2)).loss)  # two micro-batches: copy, then add
+        result = step(batches(s, micro))  # two micro-batches: copy, then add
+        losses.append(result.loss)
+        norms.append(result.grad_norm)
         engine.synchronize()  # overlapped updates zero their shards in the worker thread
         assert all(c.grad_clean for c in chunks)
-    assert after_backward == [[False] * len(chunks)] * STEPS
-    assert losses == pytest.approx(reference_losses(cfg, world=2, steps=STEPS), rel=1e-5)
+    # one micro-batch: every chunk's sum of squares comes from its copy; two: from the shard
+    squares = list(range(len(chunks))) if micro == 1 else []
+    assert after_backward == [([False] * len(chunks), squares)] * STEPS
+    ref_model = build_model(cfg)
+    ref_step = make_step(ref_model, cfg, None)
+    ref = [ref_step(batches(s, micro)) for s in range(STEPS)]
+    assert losses == pytest.approx([r.loss for r in ref], rel=1e-5)
+    assert norms == pytest.approx([r.grad_norm for r in ref], rel=1e-5)

@@ -20,6 +20,7 @@ from myriad.engine.chunks import Chunk, ChunkStore, pack
 from myriad.engine.comm import Comm
 from myriad.engine.config import EngineConfig
 from myriad.engine.expert import split_experts
+from myriad.engine.grad_writer import sum_of_squares
 from myriad.engine.groups import ExpertGroups
 from myriad.engine.hooks import Hooks, trace_first_use
 from myriad.engine.hostmem import home_tensors
@@ -68,19 +69,22 @@ class Engine:
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Global gradient L2 norm over all ranks' shards; scale gradients down to ``max_norm``.
 
-        The squares are summed in fp32 whatever the gradient shard's dtype (one shard's upcast
-        at a time); the scaling happens in place, in that dtype."""
+        Each shard's sum of squares is the one the gradient writer took from the reduced
+        gradient it copied in, else summed here in fp32 whatever the shard's dtype; the scaling
+        happens in place, in that dtype, and only when the norm exceeds ``max_norm``."""
         self.synchronize()
-        grads = [c.grad_S for c in self.store.chunks]
+        squares = self.store.grad_writer.squares
         sq = torch.zeros((), dtype=torch.float32, device=self.device)
-        for g in grads:
-            assert g is not None
-            sq += g.float().pow(2).sum().to(self.device)
+        for chunk in self.store.chunks:
+            assert chunk.grad_S is not None
+            part = squares.pop(chunk.index, None)
+            sq += (sum_of_squares(chunk.grad_S) if part is None else part).to(self.device)
         total = self.comm.all_reduce(sq).sqrt()
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            assert g is not None
-            g.mul_(coef.to(g.device))
+        if coef.item() < 1.0:  # a pass over every shard (on the host too) only when it clips
+            for chunk in self.store.chunks:
+                assert chunk.grad_S is not None
+                chunk.grad_S.mul_(coef.to(chunk.grad_S.device))
         return total
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -160,7 +164,9 @@ class Engine:
         return optimizer
 
     def _grad_zeroed(self, shard_S: torch.Tensor) -> None:
-        self._chunk_of_shard[shard_S].grad_clean = True
+        chunk = self._chunk_of_shard[shard_S]
+        chunk.grad_clean = True
+        self.store.grad_writer.squares.pop(chunk.index, None)
 
     def _overlapped_shards(self) -> dict[torch.Tensor, int]:
         """Host-resident shards (after the warm-up) -> chunk id, in the forward's order of use."""

@@ -5,7 +5,9 @@ accumulation over micro-batches) are added. When the shard lives in host memory 
 gradient on the GPU, the copy into the shard's pinned home runs on a side stream, after the
 compute queued so far, and the host goes on queueing the backward. A blocking copy there (what
 ``add_(out.to("cpu"))`` is) made the host wait for the GPU at every chunk of the backward, and
-the GPU then idled while the host added and queued the next kernels. The reduced tensor is
+the GPU then idled while the host added and queued the next kernels. The copy's source also
+gives the shard's sum of squares for the gradient clip, on the GPU, so the clip does not read
+the host shards (a CPU pass over all of them on the step's critical path). The reduced tensor is
 marked as used on the side stream (``record_stream``), so its memory is not handed out again
 before the copy has read it; the shard itself is read only after ``wait`` (the next add into
 it, a payload move, and the end of the backward, before the clip and the optimizer).
@@ -17,6 +19,22 @@ from typing import Any
 
 import torch
 
+BLOCK = 4096  # elements per partial norm in ``sum_of_squares``
+
+
+def sum_of_squares(t: torch.Tensor) -> torch.Tensor:
+    """The fp32 sum of ``t``'s squared elements, on ``t``'s device.
+
+    In blocks: ``vector_norm`` over rows of ``BLOCK`` elements, then the rows' squares summed.
+    On the CPU this is 10x faster than ``t.float().pow(2).sum()`` for fp32 (no fp32 temporaries)
+    and 2x for bf16, and as accurate; one ``vector_norm`` over the whole tensor is as fast but
+    its running fp32 sum drifts (0.35 % low over 32 M elements)."""
+    flat = t.reshape(-1)
+    whole = flat.numel() // BLOCK * BLOCK
+    rows = flat[:whole].view(-1, BLOCK)
+    total = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).pow(2).sum()
+    return total + flat[whole:].float().pow(2).sum()
+
 
 class GradWriter:
     """Copies into clean gradient shards (asynchronously from CUDA to pinned host memory) and
@@ -25,6 +43,9 @@ class GradWriter:
     def __init__(self) -> None:
         self._stream: Any = None
         self.pending: dict[int, Any] = {}  # chunk id -> the CUDA event after its copy
+        # chunk id -> its shard's sum of squares, taken from the copy's source (on the GPU when
+        # it is there), so the gradient clip need not read host shards; an add drops it
+        self.squares: dict[int, torch.Tensor] = {}
         self.async_copies = 0
 
     def write(self, cid: int, grad_S: torch.Tensor, out_S: torch.Tensor, clean: bool) -> None:
@@ -32,7 +53,10 @@ class GradWriter:
         self.wait(cid)
         if not clean:
             grad_S.add_(out_S.to(grad_S.device))
-        elif out_S.is_cuda and grad_S.device.type == "cpu" and grad_S.is_pinned():
+            self.squares.pop(cid, None)
+            return
+        self.squares[cid] = sum_of_squares(out_S)
+        if out_S.is_cuda and grad_S.device.type == "cpu" and grad_S.is_pinned():
             current = torch.cuda.current_stream(out_S.device)
             if self._stream is None:
                 self._stream = torch.cuda.Stream(out_S.device)

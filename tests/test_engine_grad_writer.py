@@ -19,8 +19,11 @@ from test_engine_support import (
     make_step,
     run_config,
 )
+from torch import nn
 
 from myriad.engine.comm import Comm
+from myriad.engine.config import EngineConfig
+from myriad.engine.engine import apply
 from myriad.engine.grad_writer import BLOCK, GradWriter, sum_of_squares
 
 STEPS = 3
@@ -88,3 +91,53 @@ def test_micro_batches_match_the_plain_model(one_thread, kw, micro):
     ref = [ref_step(batches(s, micro)) for s in range(STEPS)]
     assert losses == pytest.approx([r.loss for r in ref], rel=1e-5)
     assert norms == pytest.approx([r.grad_norm for r in ref], rel=1e-5)
+
+
+class TwoLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, use_b: bool = True) -> torch.Tensor:
+        y = self.a(x)
+        return self.b(y) if use_b else y
+
+
+def test_bf16_gradient_shards_carry_the_parameters_between_steps():
+    """With bf16 gradients and parameters the optimizer leaves the updated parameters in the
+    gradient shards, and the next gathers read them there; a chunk that then gets no gradient
+    must not step on its parameters: its gradient shard is zero after the backward."""
+    torch.manual_seed(0)
+    model = TwoLayers()
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    bf16 = {"param_dtype": "bfloat16", "reduce_dtype": "bfloat16"}
+    engine = apply(
+        model,
+        EngineConfig(kind="myriad", chunk_mb=1e-4, **bf16),  # one chunk per weight
+        comm=Comm(),
+        device=torch.device("cpu"),
+        run_forward=lambda: model(x.float()),  # traced before the parameters turn bf16
+    )
+    optimizer = engine.build_optimizer(lr=0.1, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0)
+    chunk_b = engine.store.chunks_of([model.b.weight])[0]
+    for use_b in (True, False):
+        model(x, use_b).float().sum().backward()
+        engine.finish_backward()
+        engine.clip_grad_norm_(1e9)
+        optimizer.step()
+        optimizer.zero_grad()
+        in_grad, grad_b = chunk_b.params_in_grad, chunk_b.grad_S.clone()
+        assert in_grad and torch.equal(grad_b, chunk_b.shard_S.detach().to(torch.bfloat16))
+        before = engine.store.counts["gathers_from_grad"]
+        with torch.no_grad():  # the gathered parameters are the masters cast to bf16
+            masters = engine.full_state_dict()
+            want = TwoLayers().to(torch.bfloat16)
+            want.load_state_dict({k: v.to(torch.bfloat16) for k, v in masters.items()})
+            assert torch.equal(model(x), want(x))
+        assert engine.store.counts["gathers_from_grad"] > before
+    model(x, use_b=False).float().sum().backward()  # b gets no gradient this time
+    engine.finish_backward()
+    # (plain values: pytest's repr of a chunk would read its released buffers)
+    in_grad, grad_b = chunk_b.params_in_grad, chunk_b.grad_S.tolist()
+    assert not in_grad and not any(grad_b)
+    assert engine.store.chunks_of([model.a.weight])[0].grad_S.any()

@@ -56,7 +56,8 @@ class Chunk:
     shard_S: torch.Tensor | None = None  # master parameter shard (the optimizer's "param")
     grad_S: torch.Tensor | None = None  # gradient shard (shard_S.grad itself when fp32)
     gathered: bool = False
-    grad_clean: bool = True  # grad_S is all zeros: the next reduced gradient is copied, not added
+    grad_clean: bool = True  # grad_S holds no gradient: the next reduced one is copied, not added
+    params_in_grad: bool = False  # ... it holds the parameters in param dtype (``reset_grad``)
     pending: int = 0  # parameters still to receive their gradient in this backward
 
     @property
@@ -121,7 +122,9 @@ class ChunkStore:
         self.gatherer = Gatherer(device, self.precision.param)
         self.grad_writer = GradWriter()
         self.ahead: dict[int, Started] = {}  # chunk id -> its gather started ahead, unused yet
-        self.counts = {"gathers_ahead": 0, "gathers_ahead_unused": 0}
+        self.counts = {"gathers_ahead": 0, "gathers_ahead_unused": 0, "gathers_from_grad": 0}
+        p = self.precision
+        self.refill = p.param == p.reduce != MASTER  # see ``reset_grad``
 
     def materialize(self) -> None:
         """Copy each parameter's current values into its chunk, keep this rank's shard (fp32
@@ -191,11 +194,14 @@ class ChunkStore:
         self.manager.ready(chunk.index)  # a payload loaded ahead: wait for its copy
         self.manager.alloc(self.full_bytes(chunk), keep=chunk.index)
         _alloc(chunk.full_C)
-        shard_S = chunk.shard_S.data
+        source = chunk.grad_S if chunk.params_in_grad else chunk.shard_S
+        assert source is not None
+        self.counts["gathers_from_grad"] += chunk.params_in_grad
+        shard_S = source.data
         staged = shard_S.device != self.device  # a host payload, staged on the device (counted)
         cast = self.precision.param != shard_S.dtype  # all-gather the shard cast to param dtype
         cast_bytes = chunk.shard_numel * self.precision.param_size
-        nbytes = self.shard_bytes(chunk) * staged + cast_bytes * cast
+        nbytes = chunk.shard_numel * shard_S.element_size() * staged + cast_bytes * cast
         if nbytes:
             self.manager.alloc(nbytes, keep=chunk.index)
         chunk.gathered = True
@@ -274,12 +280,38 @@ class ChunkStore:
         if chunk.comm.world > 1:
             out_S.div_(chunk.comm.world)
         self.grad_writer.write(chunk.index, chunk.grad_S, out_S, chunk.grad_clean)
-        chunk.grad_clean = False
+        chunk.grad_clean = chunk.params_in_grad = False
         del out_S
         self.manager.free(out_bytes)
         chunk.grad_C = None
         self.manager.free(self.grad_bytes(chunk))
         self.release(chunk)
+
+    @torch.no_grad()
+    def reset_grad(self, chunk: Chunk) -> None:
+        """After the optimizer step: zero the gradient shard or, when gradients and gathered
+        parameters share a low-precision dtype, fill it with the updated parameters in that dtype
+        (PatrickStar's trick). Until the chunk's next reduce writes its gradient there, gathers
+        read the parameters from it: a host payload uploads half the master's bytes, and nothing
+        is cast. This costs no memory: the gradient shard holds no gradient meanwhile."""
+        assert chunk.grad_S is not None and chunk.shard_S is not None
+        if self.refill:
+            chunk.grad_S.copy_(chunk.shard_S.data)
+        else:
+            chunk.grad_S.zero_()
+        chunk.grad_clean, chunk.params_in_grad = True, self.refill
+        self.grad_writer.squares.pop(chunk.index, None)
+
+    @torch.no_grad()
+    def forget_params(self, chunk: Chunk) -> None:
+        """The gradient shard holds parameters no longer wanted there (the chunk got no gradient,
+        or its master was overwritten): zero it."""
+        assert chunk.grad_S is not None
+        if chunk.grad_S.device.type == "cpu" and self.device.type == "cuda":
+            # a gather may still be copying from it: the current stream waited for every gather
+            torch.cuda.current_stream(self.device).synchronize()
+        chunk.grad_S.zero_()
+        chunk.params_in_grad = False
 
     def finish_backward(self) -> None:
         """Reduce chunks some of whose parameters got no gradient this pass; release the rest."""
@@ -288,6 +320,9 @@ class ChunkStore:
                 self.reduce(chunk)
             self.release(chunk)
         self.order.restart()
+        for chunk in self.chunks:  # no gradient this step: its parameters must not pass for one
+            if chunk.params_in_grad:
+                self.forget_params(chunk)
         self.grad_writer.wait_all()
         if self.manager is not None:  # the clip and the optimizer read every payload next
             self.manager.settle()

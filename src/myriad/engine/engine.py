@@ -153,7 +153,7 @@ class Engine:
             },
             later=self._overlapped_shards if self.overlap else None,
             worker=self.updates,
-            on_zero=self._grad_zeroed,
+            reset_grad=self._reset_grad,
         )
         self.optimizer = optimizer
         self._chunk_of_shard = {c.shard_S: c for c in self.store.chunks}
@@ -163,10 +163,8 @@ class Engine:
                 self.move_payload(cid, False)
         return optimizer
 
-    def _grad_zeroed(self, shard_S: torch.Tensor) -> None:
-        chunk = self._chunk_of_shard[shard_S]
-        chunk.grad_clean = True
-        self.store.grad_writer.squares.pop(chunk.index, None)
+    def _reset_grad(self, shard_S: torch.Tensor) -> None:
+        self.store.reset_grad(self._chunk_of_shard[shard_S])
 
     def _overlapped_shards(self) -> dict[torch.Tensor, int]:
         """Host-resident shards (after the warm-up) -> chunk id, in the forward's order of use."""

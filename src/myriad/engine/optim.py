@@ -33,9 +33,9 @@ class ShardAdamW(torch.optim.AdamW):
     """AdamW whose parameters are shard tensors with persistent gradient buffers.
 
     ``zero_grad`` zeroes those buffers in place (the reduce-scatter writes into them) rather than
-    dropping them, and tells ``on_zero``. ``before_step`` lets the memory manager place payloads
-    first. ``low_grads`` maps a shard to its low-precision gradient shard when it has one instead
-    of a ``.grad``.
+    dropping them, or hands each shard to ``reset_grad``, which then does it. ``before_step``
+    lets the memory manager place payloads first. ``low_grads`` maps a shard to its
+    low-precision gradient shard when it has one instead of a ``.grad``.
     """
 
     def __init__(
@@ -50,7 +50,7 @@ class ShardAdamW(torch.optim.AdamW):
         low_grads: dict[torch.Tensor, torch.Tensor] | None = None,
         later: Callable[[], dict[torch.Tensor, int]] | None = None,
         worker: UpdateWorker | None = None,
-        on_zero: Callable[[torch.Tensor], None] = lambda shard: None,
+        reset_grad: Callable[[torch.Tensor], None] | None = None,
     ) -> None:
         fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
         super().__init__(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
@@ -59,7 +59,7 @@ class ShardAdamW(torch.optim.AdamW):
         self._update = self._step_upcast if self.low_grads else super().step
         self._later = later  # shard -> chunk id of the updates to overlap (``overlap.py``)
         self._worker = worker
-        self._on_zero = on_zero  # told of each shard whose gradient was zeroed
+        self._reset_grad = reset_grad or self._zero
         self._in_flight: set[torch.Tensor] = set()  # their gradients are zeroed by the worker
         for group in self.param_groups:
             for p in group["params"]:
@@ -130,7 +130,7 @@ class ShardAdamW(torch.optim.AdamW):
 
     def _update_and_zero(self, p: torch.Tensor, hyper: dict[str, Any]) -> None:
         self._adamw([p], hyper)
-        self._zero(p)
+        self._reset_grad(p)
 
     def _step_upcast(self, closure: Any = None) -> None:
         """One shard at a time: its gradient upcast to the master's dtype, then AdamW on it."""
@@ -138,17 +138,17 @@ class ShardAdamW(torch.optim.AdamW):
         for group in self.param_groups:
             self._adamw(group["params"], {k: group[k] for k in HYPER})
 
+    @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True) -> None:
         for group in self.param_groups:
             for p in group["params"]:
                 if p not in self._in_flight:
-                    self._zero(p)
+                    self._reset_grad(p)
 
     def _zero(self, p: torch.Tensor) -> None:
         grad = self.low_grads.get(p, p.grad)
         if grad is not None:
             grad.zero_()
-            self._on_zero(p)
 
 
 def shard_param(values: torch.Tensor, grad_dtype: torch.dtype | None = None) -> nn.Parameter:

@@ -205,6 +205,8 @@ def install_state_dict_hooks(model: nn.Module, engine: Any) -> None:
                     flat = value.reshape(-1)[start - slot.offset : end - slot.offset]
                     chunk.shard_S.data[start - lo : end - lo].copy_(flat)
                 engine.store.release(chunk)
+                if chunk.params_in_grad:  # the parameters there are the old ones
+                    engine.store.forget_params(chunk)
         loaded.clear()
 
     model.register_state_dict_post_hook(after_state_dict)

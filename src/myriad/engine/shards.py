@@ -208,6 +208,8 @@ def load_shards(engine: Engine, directory: Path, moments: bool = True) -> None:
         engine.model.get_buffer(name).copy_(value)
     for chunk in engine.store.chunks:
         assert chunk.shard_S is not None
+        if chunk.params_in_grad:  # the parameters there are about to be the old ones
+            engine.store.forget_params(chunk)
         lo, hi = chunk.shard_range()
         targets = {"param": chunk.shard_S.data}
         if "exp_avg" in kinds:

@@ -70,8 +70,11 @@ def test_myriad_engine_resume_is_exact(tmp_path, monkeypatch, overlap, one_threa
         assert _losses(full.metrics_path) == _losses(serial.metrics_path)
 
 
-def _pretrain_rank(rank: int, world: int, port: int, out: str, kind: str) -> None:
-    """One ``torchrun``-style rank: the environment torchrun sets, then ``run_pretrain``."""
+def _pretrain_rank(
+    rank: int, world: int, port: int, out: str, kind: str, recompute: bool = False
+) -> None:
+    """One ``torchrun``-style rank: the environment torchrun sets, then ``run_pretrain``
+    (``recompute``: with activation checkpointing)."""
     from test_engine_support import torchrun_env
     from test_train_support import FakePrepared
 
@@ -83,7 +86,11 @@ def _pretrain_rank(rank: int, world: int, port: int, out: str, kind: str) -> Non
     engine = dataclasses.replace(ENGINE, device_budget_mb=0.35, expert_parallel=True)
     if kind == "fsdp2":
         engine = EngineConfig(kind="fsdp2")
-    run_pretrain(_config(engine), tmp_path_of(out), log=_quiet)
+    cfg = _config(engine)
+    cfg = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, activation_checkpointing=recompute)
+    )
+    run_pretrain(cfg, tmp_path_of(out), log=_quiet)
 
 
 def tmp_path_of(out: str):
@@ -92,22 +99,27 @@ def tmp_path_of(out: str):
     return Path(out) / "run"
 
 
-@pytest.mark.parametrize("kind", ["myriad", "fsdp2"])
-def test_two_ranks_through_run_pretrain(tmp_path, kind):
+@pytest.mark.parametrize(
+    ("kind", "recompute"),
+    [("myriad", False), ("fsdp2", False), ("myriad", True), ("fsdp2", True)],
+    ids=["myriad", "fsdp2", "myriad-recompute", "fsdp2-recompute"],
+)
+def test_two_ranks_through_run_pretrain(tmp_path, kind, recompute):
     """Rank 0 logs the rank-mean losses of the reference that takes both ranks' streams as two
     micro-batches. Both kinds write one shared, sharded checkpoint (``myriad``:
     ``test_engine_trainer_shards.py``; ``fsdp2``: ``dcp/``, whose weights load and export in
     one process). ``myriad`` runs with partitioning, expert parallelism and offload
-    together; ``fsdp2`` is PyTorch's."""
+    together; ``fsdp2`` is PyTorch's. ``recompute``: with activation checkpointing, whose
+    recomputed blocks gather their chunks again in the backward."""
     from test_engine_support import pretrain_reference, spawn
 
-    spawn(_pretrain_rank, 2, str(tmp_path), kind)
+    spawn(_pretrain_rank, 2, str(tmp_path), kind, recompute)
     run = tmp_path / "run"
     model, ref = pretrain_reference(_config(), (2,) * 6)
     assert _losses(run / "metrics.jsonl") == pytest.approx(ref, rel=1e-5)
     assert _losses(run / "rank-1" / "metrics.jsonl") == _losses(run / "metrics.jsonl")
     assert not (run / "rank-1" / "checkpoints").exists()
-    if kind == "myriad":  # its shard files: test_engine_trainer_shards.py
+    if kind == "myriad" or recompute:  # the shard files: test_engine_trainer_shards.py
         return
     step = run / "checkpoints" / "step-000006"
     names = {p.name for p in step.iterdir()}

@@ -169,13 +169,15 @@ def _batch(cfg: ModelConfig, B: int, S: int) -> tuple[torch.Tensor, torch.Tensor
     return ids_BS, labels_BS, int(chosen_BS.sum())
 
 
-def measured_peak(cfg: ModelConfig, B: int, S: int) -> tuple[int, int]:
+def measured_peak(cfg: ModelConfig, B: int, S: int, recompute: bool = False) -> tuple[int, int]:
     """(peak bytes the CPU allocator holds over the 2nd AdamW step, predicted positions).
 
     Before the step the live model states are exactly the parameters and AdamW's state; the
-    profiler's allocation/free events over the step give the rise above them.
+    profiler's allocation/free events over the step give the rise above them. ``recompute``:
+    with activation checkpointing.
     """
     model = _cpu_model(cfg)
+    model.checkpoint_blocks = recompute
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     ids_BS, labels_BS, predicted = _batch(cfg, B, S)
 
@@ -214,12 +216,15 @@ def measured_peak(cfg: ModelConfig, B: int, S: int) -> tuple[int, int]:
              E=16, Fe=256),
     ],
 )  # fmt: skip
-def test_memory_estimate_matches_the_measured_peak(shape):
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recomputed"])
+def test_memory_estimate_matches_the_measured_peak(shape, recompute):
+    shape = dict(shape)
     B, S = shape.pop("B"), shape.pop("S")
     cfg = small(n_layers=4, max_seq_len=S, **shape)
     torch.manual_seed(0)
-    peak, predicted = measured_peak(cfg, B, S)
-    estimate = device_memory(cfg, Geometry(B, S, 1, predicted), FP32_CPU, "none", 1)
+    peak, predicted = measured_peak(cfg, B, S, recompute)
+    geo = Geometry(B, S, 1, predicted, recompute)
+    estimate = device_memory(cfg, geo, FP32_CPU, "none", 1)
     assert estimate.peak == pytest.approx(peak, rel=0.15)
 
 

@@ -94,7 +94,8 @@ class Hooks:
         for chunk in chunks:
             self.remaining[chunk.index] = self.remaining.get(chunk.index, 1) - 1
             self.in_use[chunk.index] -= 1
-            if self.remaining[chunk.index] <= 0 and self.in_use[chunk.index] == 0:
+            done = self.remaining[chunk.index] <= 0 and self.in_use[chunk.index] == 0
+            if done and chunk.grad_C is None:  # a forward recomputed in its backward: keep it
                 self.store.release(chunk)
         if not torch.is_grad_enabled():
             return

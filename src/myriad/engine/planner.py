@@ -85,6 +85,7 @@ class Geometry:
     seq_len: int
     micro_batches: int
     predicted: int  # N: positions the LM head and the loss run on, per micro-batch
+    recompute: bool = False  # activation checkpointing: blocks keep their inputs only
 
     @property
     def tokens(self) -> int:
@@ -97,7 +98,7 @@ def geometry_of(cfg: RunConfig, predicted: int | None = None) -> Geometry:
     if predicted is None:
         clm = cfg.model.objective == "clm"
         predicted = B * (S - 1) if clm else round(B * S * cfg.data.mask_prob)
-    return Geometry(B, S, cfg.train.grad_accum, predicted)
+    return Geometry(B, S, cfg.train.grad_accum, predicted, cfg.train.activation_checkpointing)
 
 
 def _attention_saved(m: ModelConfig, geo: Geometry, p: Precision) -> list[int]:
@@ -214,6 +215,7 @@ def dynamic_peak(
     head: tuple[int, int, int],
     embed_grad: tuple[int, int],
     g0: int,
+    recomputed_L: list[int] | None = None,
 ) -> int:
     """Most bytes of activations plus gradients alive at once over forward and backward.
 
@@ -222,14 +224,18 @@ def dynamic_peak(
     gradient temporaries and new weight gradients before its saved tensors are freed; last the
     embedding's dense gradient ``embed_grad[1]`` (twice that for tied weights: the two
     contributions and their sum coexist). ``g0``: gradients kept from earlier micro-batches.
+    ``recomputed_L``: with activation checkpointing, what each block's backward recomputes
+    beyond its saved input (``acts_L`` then holds the inputs).
     """
     head_saved, head_fwd, head_bwd = head
     acts = sum(acts_L) + head_saved
     points = [g0 + acts + head_fwd, g0 + acts + head_bwd + embed_grad[0]]
     grads = g0 + embed_grad[0]
     acts -= head_saved
-    for a, t, g in zip(reversed(acts_L), reversed(transient_L), reversed(grads_L), strict=True):
-        points.append(acts + grads + t + g)
+    recomputed_L = recomputed_L or [0] * len(acts_L)
+    layers = zip(acts_L, transient_L, grads_L, recomputed_L, strict=True)
+    for a, t, g, r in reversed(list(layers)):
+        points.append(acts + grads + t + g + r)
         acts, grads = acts - a, grads + g
     points.append(grads + embed_grad[1])
     return max(points)
@@ -260,10 +266,15 @@ def device_memory(
     table = -(-m.vocab_size * m.d_model // n) * p.weight * on_gpu  # one V x D matrix
     embed_grad = (table, 2 * table if m.tie_embeddings else table)
     acts_L = [sum(block_activations(m, i, geo, p)) for i in range(m.n_layers)]
+    recomputed_L = None
+    if geo.recompute:  # a block keeps its fp32 input; its backward recomputes the rest
+        block_input = 4 * geo.tokens * m.d_model
+        recomputed_L = [a - block_input for a in acts_L]
+        acts_L = [block_input] * m.n_layers
     transient_L = [block_backward_transient(m, i, geo, p) for i in range(m.n_layers)]
     head = head_activations(m, geo, p)
     g0 = share * p.weight * on_gpu if geo.micro_batches > 1 else 0
-    dynamic = dynamic_peak(acts_L, transient_L, grads_L, head, embed_grad, g0)
+    dynamic = dynamic_peak(acts_L, transient_L, grads_L, head, embed_grad, g0, recomputed_L)
     return DeviceMemory(
         mode=mode,
         n_gpus=n,
@@ -313,7 +324,8 @@ def step_time(
 ) -> StepTime:
     """Compute at ``MFU`` of the bf16 peak, plus the traffic each mode adds (ring collectives)."""
     per_seq = forward_flops(m, geo.seq_len, labelled_positions=geo.predicted / geo.batch)
-    flops = 3 * per_seq.total * geo.batch * geo.micro_batches  # backward = 2 x forward
+    passes = 4 if geo.recompute else 3  # backward = 2 x forward, plus the recomputed forward
+    flops = passes * per_seq.total * geo.batch * geo.micro_batches
     compute = flops / (spec.gpu.bf16_tflops * 1e12 * MFU)
     counts = count_parameters(m)
     ep = expert_parallel_degree(m.moe.num_experts, n, ep_size) if counts.experts else 1
@@ -331,7 +343,7 @@ def step_time(
     gpus_here = min(n, spec.node.gpus)
     adam_rate = spec.node.cpu_cores * ADAM_PARAMS_PER_S_PER_CORE
     cpu_adam = 0.0 if mode == "none" else share * gpus_here / adam_rate
-    return StepTime(compute, gpu_traffic, pcie, cpu_adam, compute / (3 * geo.micro_batches))
+    return StepTime(compute, gpu_traffic, pcie, cpu_adam, compute / (passes * geo.micro_batches))
 
 
 def fits(mem: DeviceMemory, spec: ClusterSpec) -> bool:
@@ -380,14 +392,18 @@ def smallest_fit(
 
 def smaller_micro_batches(geo: Geometry) -> list[Geometry]:
     """The recipe's geometry, then halved micro-batches with as many more of them (same step)."""
+
+    def split(batch: int) -> Geometry:
+        scale = geo.batch // batch
+        micro, predicted = geo.micro_batches * scale, geo.predicted // scale
+        return replace(geo, batch=batch, micro_batches=micro, predicted=predicted)
+
     out, batch = [geo], geo.batch
     while batch % 2 == 0:
         batch //= 2
-        scale = geo.batch // batch
-        out.append(Geometry(batch, geo.seq_len, geo.micro_batches * scale, geo.predicted // scale))
+        out.append(split(batch))
     if out[-1].batch != 1:
-        scale = geo.batch
-        out.append(Geometry(1, geo.seq_len, geo.micro_batches * scale, geo.predicted // scale))
+        out.append(split(1))
     return out
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from myriad.model.config import ModelConfig
 from myriad.model.layers import Attention, RMSNorm, SwiGLU, rotary_tables
@@ -116,6 +117,10 @@ class MoETransformerLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.reuse_plan = cfg.attn_reuse.inference_plan(cfg.n_layers)  # eval: reuse or compute
+        # Activation checkpointing (``train.activation_checkpointing``): in training each block
+        # keeps only its inputs and recomputes its forward in the backward (PyTorch's
+        # non-reentrant checkpoint; the reuse layers' draws happen outside the blocks).
+        self.checkpoint_blocks = False
         cos, sin = rotary_tables(cfg.max_seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -166,9 +171,11 @@ class MoETransformerLM(nn.Module):
             if block.attn_mode == "reuse":
                 reuse = self._reuse_now(len(enc.attn_recomputed))
                 enc.attn_recomputed.append(not reuse)
-            x_BSD, moe_out, probs_BHST = block(
-                x_BSD, self.rope_cos, self.rope_sin, mask_BS, routing, probs_BHST, reuse
-            )
+            args = (x_BSD, self.rope_cos, self.rope_sin, mask_BS, routing, probs_BHST, reuse)
+            if self.checkpoint_blocks and self.training and torch.is_grad_enabled():
+                x_BSD, moe_out, probs_BHST = checkpoint(block, *args, use_reentrant=False)
+            else:
+                x_BSD, moe_out, probs_BHST = block(*args)
             if moe_out is not None:
                 enc.moe_outs.append(moe_out)
         return self.norm(x_BSD), enc

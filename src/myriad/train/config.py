@@ -13,6 +13,9 @@ class TrainConfig:
     steps: int = 300  # optimizer steps
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
+    # Recompute each block's forward in the backward instead of keeping its activations: only
+    # the blocks' inputs stay saved, for one more forward's compute (``MoETransformerLM``).
+    activation_checkpointing: bool = False
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 30

@@ -41,6 +41,7 @@ RESUMABLE_CHANGES = frozenset(
         "train.keep_checkpoints",
         "train.device",
         "train.precision",
+        "train.activation_checkpointing",  # the same arithmetic, recomputed
         "engine.device_budget_mb",
         "engine.prefetch_mb",
         "engine.gather_ahead",
@@ -174,6 +175,7 @@ def build_loop(cfg: RunConfig, out_dir: Path, prepared: PreparedData) -> Loop:
     autocast = autocast_factory(cfg.train.precision, device)
     seed_everything(cfg.train.seed)
     model = MoETransformerLM(cfg.model).to(device)
+    model.checkpoint_blocks = cfg.train.activation_checkpointing
     if cfg.model.moe.balanced_init:  # frequency-balanced routing bins, counted on a fresh stream
         b = cfg.train.batch_size
         n = count_batches(prepared.num_train_sequences, b)

@@ -90,6 +90,6 @@ def format_plan(plan: Plan) -> str:
         "compute, CPU Adam only the next first forward "
         f"({ADAM_PARAMS_PER_S_PER_CORE / 1e9:.2f} G params/s per core); {USABLE_FRACTION:.0%} of "
         f"GPU and host memory usable; {PREFETCH_LAYERS} gathered layers in flight; batch_size is "
-        "per GPU; no activation checkpointing (docs/planner.md)",
+        f"per GPU; {'' if geo.recompute else 'no '}activation checkpointing (docs/planner.md)",
     ]
     return "\n".join(lines)

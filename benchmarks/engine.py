@@ -33,7 +33,10 @@ the steps, host RSS per parameter, and for the offload modes the largest model h
 that RSS per parameter (extrapolated). ``--json PATH`` also writes the rows. When DeepSpeed is
 installed, its ZeRO-2 and ZeRO-3 CPU-offload rows run in the same table
 (``benchmarks/engine_deepspeed.py``).
-``benchmarks/gpu_engine.sh`` runs all of it in one GPU session.
+``--recompute`` turns on activation checkpointing in every mode (DeepSpeed's too) and
+``--gpu-layers N`` scales the GPU model's depth: ``gpu_engine.sh OUT largest`` uses both to
+find the largest model that trains under a 24 GB budget. ``benchmarks/gpu_engine.sh`` runs all
+of it in GPU sessions.
 
 Run:  python benchmarks/engine.py [--steps 4] [--d-model 256] [--layers 4] [--modes ...]
       python benchmarks/engine.py --gpu [--model dense|moe] [--steps 4] [--budget-gb 31]
@@ -102,9 +105,10 @@ GPU_MODES: dict[str, tuple[int, dict[str, Any]]] = {
 }
 
 
-def gpu_model_config(kind: str = "dense") -> ModelConfig:
+def gpu_model_config(kind: str = "dense", layers: int = 26) -> ModelConfig:
     """The issue's 2.8 B dense Llama-like model, or (``moe``) its MoE twin of similar total
-    size: every 2nd FFN is 8 experts of width 1024 (top-2), 2.7 B parameters in all."""
+    size: every 2nd FFN is 8 experts of width 1024 (top-2), 2.7 B parameters in all. ``layers``
+    other than 26 scales the model (the largest one a budget trains)."""
     moe = (
         MoEConfig(every=0)
         if kind == "dense"
@@ -114,7 +118,7 @@ def gpu_model_config(kind: str = "dense") -> ModelConfig:
         objective="clm",
         vocab_size=32000,
         d_model=3072,
-        n_layers=26,
+        n_layers=layers,
         n_heads=24,
         n_kv_heads=8,
         d_ff=8192,
@@ -158,12 +162,15 @@ def _build(
     mcfg: ModelConfig,
     train: TrainConfig,
     device: torch.device = CPU,
+    recompute: bool = False,
 ):
     """The mode's model, optimizer, ``GradSync`` and engine; the model is built on ``device``
-    directly (no full host copy first), the same for every mode."""
+    directly (no full host copy first), the same for every mode (``recompute``: activation
+    checkpointing)."""
     torch.manual_seed(0)
     with device:
         model = MoETransformerLM(mcfg)
+    model.checkpoint_blocks = recompute
     kind = kind_kw.get("kind", "none")
     if kind == "myriad":
         from myriad.engine.engine import apply
@@ -234,11 +241,11 @@ def worker(rank: int, world: int, port: int, name: str, args: argparse.Namespace
         dist.init_process_group(backend, init_method=init, rank=rank, world_size=world)
     warm_up(device)
     base = rss_bytes()
-    mcfg = gpu_model_config(args.model) if args.gpu else model_config(args)
+    mcfg = gpu_model_config(args.model, args.gpu_layers) if args.gpu else model_config(args)
     counts = count_parameters(mcfg)
     shape = (4, 2048) if args.gpu else (BATCH, SEQ)
     train = TrainConfig(steps=args.steps, batch_size=shape[0], lr=1e-3, warmup_steps=1)
-    model, opt, sync, engine = _build(rank, world, kind_kw, mcfg, train, device)
+    model, opt, sync, engine = _build(rank, world, kind_kw, mcfg, train, device, args.recompute)
     step_fn = TrainStep(
         model,
         opt,
@@ -285,7 +292,7 @@ def reference(args: argparse.Namespace, world: int) -> list[float]:
     """Single process, both ranks' batches as micro-batches (what data parallelism computes)."""
     mcfg = model_config(args)
     train = TrainConfig(steps=args.steps, batch_size=BATCH, lr=1e-3, warmup_steps=1, device="cpu")
-    model, opt, _, _ = _build(0, 1, {}, mcfg, train)
+    model, opt, _, _ = _build(0, 1, {}, mcfg, train, CPU, args.recompute)
     step_fn = TrainStep(
         model,
         opt,
@@ -337,6 +344,10 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="the 2.8 B model on one GPU")
     parser.add_argument("--model", choices=("dense", "moe"), default="dense", help="GPU model")
     parser.add_argument("--budget-gb", type=float, default=31.0, help="GPU: engine budget")
+    parser.add_argument("--gpu-layers", type=int, default=26, help="GPU model depth")
+    parser.add_argument(
+        "--recompute", action="store_true", help="activation checkpointing in every mode"
+    )
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--no-adam", action="store_true", help="skip the optimizer rate")
     args = parser.parse_args()
@@ -386,7 +397,8 @@ def _deepspeed(args: argparse.Namespace, stage: int, path: Path) -> list[dict] |
         return None
     script = Path(__file__).with_name("engine_deepspeed.py")
     command = [sys.executable, str(script), "--stage", str(stage), "--steps", str(args.steps)]
-    done = subprocess.run([*command, "--model", args.model, "--out", str(path)], check=False)
+    command += ["--model", args.model, "--layers", str(args.gpu_layers), "--out", str(path)]
+    done = subprocess.run(command + ["--recompute"] * args.recompute, check=False)
     if done.returncode != 0:
         print(f"DeepSpeed ZeRO-{stage} failed (exit {done.returncode})", file=sys.stderr)
         return None

@@ -52,7 +52,7 @@ def ds_config(stage: int, micro_batch: int) -> dict:
     }
 
 
-def run(stage: int, steps: int, model_kind: str) -> dict:
+def run(stage: int, steps: int, model_kind: str, layers: int = 26, recompute: bool = False) -> dict:
     import deepspeed
 
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
@@ -63,10 +63,11 @@ def run(stage: int, steps: int, model_kind: str) -> dict:
     torch.cuda.set_device(0)
     warm_up(torch.device("cuda"))  # the same RSS baseline as the engine benchmark's modes
     base = rss_bytes()
-    mcfg = gpu_model_config(model_kind)
+    mcfg = gpu_model_config(model_kind, layers)
     torch.manual_seed(0)
     with torch.device("cuda"):  # built on the GPU, as the engine benchmark's modes are
         model = MoETransformerLM(mcfg)
+    model.checkpoint_blocks = recompute
     counts = count_parameters(mcfg)
     shape = (4, 2048)
     engine, *_ = deepspeed.initialize(
@@ -103,8 +104,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--model", choices=("dense", "moe"), default="dense")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--layers", type=int, default=26)
+    parser.add_argument("--recompute", action="store_true", help="activation checkpointing")
     args = parser.parse_args()
-    result = run(args.stage, args.steps, args.model)
+    result = run(args.stage, args.steps, args.model, args.layers, args.recompute)
     args.out.write_text(json.dumps(result))
 
 

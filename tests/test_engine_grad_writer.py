@@ -78,7 +78,7 @@ def test_micro_batches_match_the_plain_model(one_thread, kw, micro):
     assert all(c.grad_clean for c in chunks)
     losses, norms = [], []
     for s in range(STEPS):
-        result = step(batches(s, micro))  # two micro-batches: copy, then add
+        result = step(batches(s, micro))  # the first micro-batch copies, a second adds
         losses.append(result.loss)
         norms.append(result.grad_norm)
         engine.synchronize()  # overlapped updates zero their shards in the worker thread

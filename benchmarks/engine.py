@@ -377,6 +377,8 @@ def main() -> None:
             diff = max(abs(a - b) / abs(b) for a, b in zip(r[0]["losses"], ref, strict=True))
             mean = {k: _mean([x[k] for x in r]) for k in ("rss_per_param", "host_per_param")}
             rows.append((name, world, diff, {**r[0], **mean}))
+    if not rows:
+        sys.exit("no mode ran")
     _print_table(args, rows)
     if args.json:
         keys = ("name", "ranks", "max_rel_loss_diff")

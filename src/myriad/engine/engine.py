@@ -139,6 +139,7 @@ class Engine:
             {"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
+        self._chunk_of_shard = {c.shard_S: c for c in self.store.chunks}
         optimizer = ShardAdamW(
             groups,
             lr=lr,
@@ -154,14 +155,19 @@ class Engine:
             later=self._overlapped_shards if self.overlap else None,
             worker=self.updates,
             reset_grad=self._reset_grad,
+            new_moments=self._new_moments,
         )
         self.optimizer = optimizer
-        self._chunk_of_shard = {c.shard_S: c for c in self.store.chunks}
-        for cid, home in self.host_home.items():  # host payloads: moments into their homes too
-            shard_S = self.store.chunks[cid].shard_S
-            if shard_S is not None and shard_S.data_ptr() == home[0].data_ptr():
-                self.move_payload(cid, False)
         return optimizer
+
+    def _new_moments(self, shard_S: torch.Tensor) -> list[torch.Tensor]:
+        """A host payload's moments are made in its home (zero pages until first written), a
+        device payload's beside it: a transient host copy would raise the peak host RAM by
+        8 bytes per parameter."""
+        home = self.host_home.get(self._chunk_of_shard[shard_S].index)
+        if home is not None and shard_S.data_ptr() == home[0].data_ptr():
+            return [home[2].zero_(), home[3].zero_()]
+        return [torch.zeros_like(shard_S), torch.zeros_like(shard_S)]
 
     def _reset_grad(self, shard_S: torch.Tensor) -> None:
         self.store.reset_grad(self._chunk_of_shard[shard_S])

@@ -35,7 +35,9 @@ class ShardAdamW(torch.optim.AdamW):
     ``zero_grad`` zeroes those buffers in place (the reduce-scatter writes into them) rather than
     dropping them, or hands each shard to ``reset_grad``, which then does it. ``before_step``
     lets the memory manager place payloads first. ``low_grads`` maps a shard to its
-    low-precision gradient shard when it has one instead of a ``.grad``.
+    low-precision gradient shard when it has one instead of a ``.grad``. ``new_moments`` makes
+    a shard's two zeroed Adam moments (default: beside the shard); the engine puts a host
+    shard's straight into its home, so no second copy of them ever exists.
     """
 
     def __init__(
@@ -51,6 +53,7 @@ class ShardAdamW(torch.optim.AdamW):
         later: Callable[[], dict[torch.Tensor, int]] | None = None,
         worker: UpdateWorker | None = None,
         reset_grad: Callable[[torch.Tensor], None] | None = None,
+        new_moments: Callable[[torch.Tensor], list[torch.Tensor]] | None = None,
     ) -> None:
         fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
         super().__init__(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
@@ -61,12 +64,14 @@ class ShardAdamW(torch.optim.AdamW):
         self._worker = worker
         self._reset_grad = reset_grad or self._zero
         self._in_flight: set[torch.Tensor] = set()  # their gradients are zeroed by the worker
+        new_moments = new_moments or (lambda p: [torch.zeros_like(p), torch.zeros_like(p)])
         for group in self.param_groups:
             for p in group["params"]:
+                exp_avg, exp_avg_sq = new_moments(p)
                 self.state[p] = {
                     "step": torch.zeros((), dtype=torch.float32, device=p.device),
-                    "exp_avg": torch.zeros_like(p),
-                    "exp_avg_sq": torch.zeros_like(p),
+                    "exp_avg": exp_avg,
+                    "exp_avg_sq": exp_avg_sq,
                 }
 
     @torch.no_grad()

@@ -120,11 +120,15 @@ class ChunkStore:
         self.manager: MemoryManager | None = None  # set by the engine
         self.order = GatherOrder()
         self.gatherer = Gatherer(device, self.precision.param)
-        self.grad_writer = GradWriter()
+        self.grad_writer = GradWriter(free=self._free_bytes)
         self.ahead: dict[int, Started] = {}  # chunk id -> its gather started ahead, unused yet
         self.counts = {"gathers_ahead": 0, "gathers_ahead_unused": 0, "gathers_from_grad": 0}
         p = self.precision
         self.refill = p.param == p.reduce != MASTER  # see ``reset_grad``
+
+    def _free_bytes(self, nbytes: int) -> None:
+        if self.manager is not None:
+            self.manager.free(nbytes)
 
     def materialize(self) -> None:
         """Copy each parameter's current values into its chunk, keep this rank's shard (fp32
@@ -279,10 +283,11 @@ class ChunkStore:
         chunk.comm.reduce_scatter(out_S, chunk.grad_C)
         if chunk.comm.world > 1:
             out_S.div_(chunk.comm.world)
-        self.grad_writer.write(chunk.index, chunk.grad_S, out_S, chunk.grad_clean)
+        held = self.grad_writer.write(chunk.index, chunk.grad_S, out_S, chunk.grad_clean)
         chunk.grad_clean = chunk.params_in_grad = False
         del out_S
-        self.manager.free(out_bytes)
+        if not held:  # else the writer frees it once its copy to the host has landed
+            self.manager.free(out_bytes)
         chunk.grad_C = None
         self.manager.free(self.grad_bytes(chunk))
         self.release(chunk)

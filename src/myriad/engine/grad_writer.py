@@ -7,14 +7,17 @@ compute queued so far, and the host goes on queueing the backward. A blocking co
 ``add_(out.to("cpu"))`` is) made the host wait for the GPU at every chunk of the backward, and
 the GPU then idled while the host added and queued the next kernels. The copy's source also
 gives the shard's sum of squares for the gradient clip, on the GPU, so the clip does not read
-the host shards (a CPU pass over all of them on the step's critical path). The reduced tensor is
-marked as used on the side stream (``record_stream``), so its memory is not handed out again
-before the copy has read it; the shard itself is read only after ``wait`` (the next add into
-it, a payload move, and the end of the backward, before the clip and the optimizer).
+the host shards (a CPU pass over all of them on the step's critical path). The writer keeps the
+reduced tensor until the copy has read it and only then hands its bytes back to the memory
+manager (``free``): released at once, as ``record_stream`` would have it, the copies still in
+flight were device memory outside the budget (the first H200 run's peak exceeded it by 4 %).
+The shard itself is read only after ``wait`` (the next add into it, a payload move, and the end
+of the backward, before the clip and the optimizer).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,21 +43,26 @@ class GradWriter:
     """Copies into clean gradient shards (asynchronously from CUDA to pinned host memory) and
     adds into the others; ``wait(cid)`` / ``wait_all()`` before a shard is read."""
 
-    def __init__(self) -> None:
+    def __init__(self, free: Callable[[int], None] = lambda nbytes: None) -> None:
+        self._free = free
         self._stream: Any = None
-        self.pending: dict[int, Any] = {}  # chunk id -> the CUDA event after its copy
+        # chunk id -> (the CUDA event after its copy, the copy's source, kept until then)
+        self.pending: dict[int, tuple[Any, torch.Tensor]] = {}
         # chunk id -> its shard's sum of squares, taken from the copy's source (on the GPU when
         # it is there), so the gradient clip need not read host shards; an add drops it
         self.squares: dict[int, torch.Tensor] = {}
         self.async_copies = 0
 
-    def write(self, cid: int, grad_S: torch.Tensor, out_S: torch.Tensor, clean: bool) -> None:
-        """Put ``out_S`` (a reduced gradient shard) into ``grad_S``: a copy when ``clean``."""
+    def write(self, cid: int, grad_S: torch.Tensor, out_S: torch.Tensor, clean: bool) -> bool:
+        """Put ``out_S`` (a reduced gradient shard) into ``grad_S``: a copy when ``clean``.
+        True when an asynchronous copy still reads ``out_S``: the writer then frees its bytes
+        once the copy has landed; otherwise the caller does."""
         self.wait(cid)
+        self._reap()
         if not clean:
             grad_S.add_(out_S.to(grad_S.device))
             self.squares.pop(cid, None)
-            return
+            return False
         self.squares[cid] = sum_of_squares(out_S)
         if out_S.is_cuda and grad_S.device.type == "cpu" and grad_S.is_pinned():
             current = torch.cuda.current_stream(out_S.device)
@@ -65,18 +73,27 @@ class GradWriter:
                 grad_S.copy_(out_S, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(self._stream)
-            out_S.record_stream(self._stream)
-            self.pending[cid] = event
+            self.pending[cid] = (event, out_S)
             self.async_copies += 1
-        else:
-            grad_S.copy_(out_S)
+            return True
+        grad_S.copy_(out_S)
+        return False
 
     def wait(self, cid: int) -> None:
         """Block until chunk ``cid``'s gradient copy (if one is pending) has landed."""
-        event = self.pending.pop(cid, None)
-        if event is not None:
+        pending = self.pending.pop(cid, None)
+        if pending is not None:
+            event, out_S = pending
             event.synchronize()
+            nbytes = out_S.numel() * out_S.element_size()
+            del pending, out_S  # the copy has read it: its memory may be reused
+            self._free(nbytes)
 
     def wait_all(self) -> None:
         for cid in list(self.pending):
+            self.wait(cid)
+
+    def _reap(self) -> None:
+        """Free the sources of the copies that have landed."""
+        for cid in [cid for cid, (event, _) in self.pending.items() if event.query()]:
             self.wait(cid)

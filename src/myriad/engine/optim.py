@@ -8,7 +8,10 @@ on the device, host-resident ones by the vectorised CPU kernel, in one call.
 
 With a low-precision gradient shard (``engine.reduce_dtype = "bfloat16"``) the shard is not the
 master's ``.grad`` (the kernel needs one dtype): the step upcasts one shard's gradient at a time
-and runs the same kernel on that shard, so the fp32 copy of the gradients never exists whole.
+and runs the same kernel on that shard, so the fp32 copy of the gradients never exists whole. On
+the host the upcast goes into one reused buffer per thread: a fresh fp32 tensor per shard is
+fresh pages from the system each time, and faulting them in made the CPU step 2.9x slower
+(2.0 against 0.7 ns per parameter, 2 cores).
 
 With ``engine.overlap_step`` the host-resident shards are updated later, by a background thread
 (``overlap.py``), with the same kernel, one shard at a time, so the result is the same.
@@ -16,6 +19,7 @@ With ``engine.overlap_step`` the host-resident shards are updated later, by a ba
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -64,6 +68,7 @@ class ShardAdamW(torch.optim.AdamW):
         self._worker = worker
         self._reset_grad = reset_grad or self._zero
         self._in_flight: set[torch.Tensor] = set()  # their gradients are zeroed by the worker
+        self._host_upcast = threading.local()  # .buffer: fp32 gradients, reused (see above)
         new_moments = new_moments or (lambda p: [torch.zeros_like(p), torch.zeros_like(p)])
         for group in self.param_groups:
             for p in group["params"]:
@@ -107,9 +112,21 @@ class ShardAdamW(torch.optim.AdamW):
         """AdamW on ``params`` (low-precision gradients upcast one shard at a time)."""
         if any(p in self.low_grads for p in params):
             for p in params:
-                self._adamw_on([p], [self.low_grads[p].to(p.dtype)], hyper)
+                self._adamw_on([p], [self._upcast(p)], hyper)
         else:
             self._adamw_on(params, [p.grad for p in params], hyper)
+
+    def _upcast(self, p: torch.Tensor) -> torch.Tensor:
+        """``p``'s low-precision gradient in ``p``'s dtype (on the host: in this thread's buffer,
+        sized once for the largest shard)."""
+        low = self.low_grads[p]
+        if p.device.type != "cpu":
+            return low.to(p.dtype)
+        buffer = getattr(self._host_upcast, "buffer", None)
+        if buffer is None:
+            largest = max(g.numel() for g in self.low_grads.values())
+            buffer = self._host_upcast.buffer = torch.empty(largest, dtype=p.dtype)
+        return buffer[: low.numel()].view_as(low).copy_(low)
 
     def _adamw_on(self, params: list, grads: list, hyper: dict[str, Any]) -> None:
         states = [self.state[p] for p in params]

@@ -400,8 +400,9 @@ def main() -> None:
     if not args.gpu and not args.no_adam:
         mine, mine_bf16, ref_rate = adam_rate(64_000_000)
         print(
-            f"\nAdamW on 64 M fp32 params (4 shards), {torch.get_num_threads()} threads: engine shard AdamW "
-            f"{mine / 1e9:.2f} G params/s ({mine_bf16 / 1e9:.2f} with bf16 gradient shards), "
+            f"\nAdamW on 64 M fp32 params (4 shards), {torch.get_num_threads()} threads: engine "
+            f"shard AdamW {mine / 1e9:.2f} G params/s ({mine_bf16 / 1e9:.2f} with bf16 gradient "
+            "shards), "
             f"torch fused CPU AdamW {ref_rate / 1e9:.2f} G params/s"
         )
 

@@ -257,12 +257,13 @@ def worker(rank: int, world: int, port: int, name: str, args: argparse.Namespace
     )
     if args.gpu:
         torch.cuda.reset_peak_memory_stats()  # the steps' peak, as for the DeepSpeed rows
-    losses, times = [], []
+    losses, times, step_peaks = [], [], []
     for s in range(args.steps):
         t0 = time.perf_counter()
         losses.append(step_fn([batch(s * world + rank, mcfg.vocab_size, shape)]).loss)
         if args.gpu:
             torch.cuda.synchronize()
+            step_peaks.append(torch.cuda.max_memory_allocated() / 2**30)
         times.append(time.perf_counter() - t0)
     report = engine.report() if engine is not None else {}
     step_s = statistics.median(times[1:] or times)
@@ -276,6 +277,9 @@ def worker(rank: int, world: int, port: int, name: str, args: argparse.Namespace
         "params": counts.total,
         "peak_device_mb": report.get("peak_device_mb"),
         "evictions": report.get("evictions"),
+        "step_times": times,
+        "step_peak_gpu_gb": step_peaks,  # running peak after each step: where a budget broke
+        "engine_report": report,  # the whole of it, for what a short GPU session cannot rerun
     }
     torch.save(result, Path(out) / f"{name}-{rank}.pt")
     if dist.is_initialized():

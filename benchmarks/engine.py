@@ -5,7 +5,8 @@ CPU (default): a small MoE LM trained for a few steps in each mode, each mode in
 
 * ``none``: the plain model and torch's fused AdamW (the reference losses);
 * ``myriad``: Myriad's chunked engine in one process; ``myriad-offload``: the same under a small
-  device budget (evicts every step), ``-overlap`` with ``engine.overlap_step = "on"``;
+  device budget (evicts every step), ``-overlap`` with ``engine.overlap_step = "on"``,
+  ``-static`` with ``engine.placement = "static"`` (payloads fixed after the warm-up);
   ``myriad-2r``: 2 ranks (``-ondemand``: ``engine.gather_ahead = 0``, no all-gather started
   while the previous chunk computes); ``myriad-2r-ep``: 2 ranks with expert parallelism and offload;
   ``-bf16``: ``engine.param_dtype = reduce_dtype = bfloat16`` (bf16 gathered parameters and
@@ -27,7 +28,8 @@ heads, 8 KV heads, vocab 32000, batch 4 x 2048, bf16 autocast), or with ``--mode
 twin of similar total size (every 2nd FFN is 8 experts of width 1024, top-2), built directly on
 the GPU, in one process: ``none`` (all on the GPU), ``myriad-offload`` (under ``--budget-gb``),
 ``myriad-offload-bf16`` (bf16 parameters, fp32 masters; ``-serial``: without
-``engine.overlap_step``; ``-ondemand``: without ``engine.gather_ahead``) and ``fsdp2-offload``
+``engine.overlap_step``; ``-ondemand``: without ``engine.gather_ahead``; ``-dynamic``: payloads
+moved in and out every step instead of fixed after the warm-up) and ``fsdp2-offload``
 (``-bf16``); step time, TFLOP/s (6 x active parameters x tokens / step), peak GPU memory over
 the steps, host RSS per parameter, and for the offload modes the largest model host RAM holds at
 that RSS per parameter (extrapolated). ``--json PATH`` also writes the rows. When DeepSpeed is
@@ -80,6 +82,8 @@ MODES: dict[str, tuple[int, dict[str, Any]]] = {
     "myriad-offload": (1, {**MYRIAD, "device_budget_mb": 120.0}),
     # the host payloads' AdamW in a thread during the next forward (off by default on a CPU)
     "myriad-offload-overlap": (1, {**MYRIAD, "device_budget_mb": 120.0, "overlap_step": "on"}),
+    # payloads fixed after the warm-up (the CUDA default), the rest served from the host
+    "myriad-offload-static": (1, {**MYRIAD, "device_budget_mb": 120.0, "placement": "static"}),
     "myriad-2r": (2, MYRIAD),
     "myriad-2r-ondemand": (2, {**MYRIAD, "gather_ahead": 0}),  # no all-gather started ahead
     "myriad-2r-ep": (2, EP_OFFLOAD),
@@ -98,6 +102,8 @@ GPU_MODES: dict[str, tuple[int, dict[str, Any]]] = {
     "myriad-offload-bf16-serial": (1, {**GPU_MYRIAD, **BF16, "overlap_step": "off"}),
     # each chunk's host shard staged and copied when its module runs, not ahead on a side stream
     "myriad-offload-bf16-ondemand": (1, {**GPU_MYRIAD, **BF16, "gather_ahead": 0}),
+    # payloads moved in and out as the trace says (Belady), not fixed after the warm-up
+    "myriad-offload-bf16-dynamic": (1, {**GPU_MYRIAD, **BF16, "placement": "dynamic"}),
     "fsdp2-offload": (1, {"kind": "fsdp2", "cpu_offload": True}),
     "fsdp2-offload-bf16": (1, {"kind": "fsdp2", "cpu_offload": True, **BF16}),
     "deepspeed-zero2-offload": (1, {"stage": 2}),  # benchmarks/engine_deepspeed.py, if installed

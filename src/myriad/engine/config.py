@@ -9,6 +9,7 @@ from myriad.errors import UserError
 ENGINE_KINDS = ("none", "myriad", "fsdp2")
 DTYPE_NAMES = ("float32", "bfloat16")  # engine.param_dtype / engine.reduce_dtype
 SWITCHES = ("auto", "on", "off")  # engine.overlap_step
+PLACEMENTS = ("auto", "static", "dynamic")  # engine.placement
 
 
 @dataclass(kw_only=True)
@@ -35,6 +36,10 @@ class EngineConfig:
     # host-resident payloads' Adam in a background thread, during the next forward: "auto" (on
     # with CUDA, where the GPU would idle through it), "on" or "off"
     overlap_step: str = "auto"
+    # payloads on the device after the warm-up: "static" (fixed, the rest served from the
+    # host), "dynamic" (moved in and out as the traced order of use says), "auto" (static on
+    # CUDA, where moving a payload costs far more PCIe time than serving it from the host)
+    placement: str = "auto"
 
     def validate(self) -> None:
         """Reject inconsistent values with a message naming the key."""
@@ -54,6 +59,7 @@ class EngineConfig:
             (self.param_dtype in DTYPE_NAMES, f"engine.param_dtype must be one of {DTYPE_NAMES}"),
             (self.reduce_dtype in DTYPE_NAMES, f"engine.reduce_dtype must be one of {DTYPE_NAMES}"),
             (self.overlap_step in SWITCHES, f"engine.overlap_step must be one of {SWITCHES}"),
+            (self.placement in PLACEMENTS, f"engine.placement must be one of {PLACEMENTS}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -51,6 +51,9 @@ class Engine:
             cfg.overlap_step == "auto" and device.type == "cuda"
         )
         self._forward_order: list[int] = []
+        self.static = cfg.placement == "static" or (
+            cfg.placement == "auto" and device.type == "cuda"
+        )
 
     # --- the training step's interface (``myriad.train.step.GradSync``) ----------------------
     @property
@@ -123,6 +126,7 @@ class Engine:
             "world": self.comm.world,
             "expert_parallel_size": self.expert_groups.size if self.expert_groups else 0,
             "overlapped_updates": self.updates.submitted,
+            "placement": "static" if self.static else "dynamic",
             "gather_ahead": self.store.order.depth,
             **self.store.counts,
             "async_grad_copies": self.store.grad_writer.async_copies,
@@ -192,18 +196,23 @@ class Engine:
         warming_up = self.manager.tracing
         self.manager.end_step()
         if warming_up and not self.manager.tracing:
-            self.store.order.depth = self._agree_gather_ahead()
+            depth = self.store.order.depth = self._agree_gather_ahead()
+            if self.static:
+                self.manager.place_static(reserve=depth * self._gather_bytes())
+
+    def _gather_bytes(self) -> int:
+        """Device bytes of the largest gather in flight (staging and cast buffers included)."""
+        store = self.store
+        return max(store.full_bytes(c) + 2 * store.shard_bytes(c) for c in store.chunks)
 
     def _agree_gather_ahead(self) -> int:
-        """``engine.gather_ahead``, lowered until that many more gathered chunks (staging and
-        cast buffers included) fit every traced position's room on every rank: the ranks must
-        all start the same gathers ahead, or their collectives would pair up wrongly."""
+        """``engine.gather_ahead``, lowered until that many more gathered chunks fit every
+        traced position's room on every rank: the ranks must all start the same gathers
+        ahead, or their collectives would pair up wrongly."""
         depth = self.cfg.gather_ahead
         spare = self.manager.spare_room()
         if depth and spare is not None:
-            store = self.store
-            need = max(store.full_bytes(c) + 2 * store.shard_bytes(c) for c in store.chunks)
-            depth = min(depth, max(spare, 0) // need)
+            depth = min(depth, max(spare, 0) // self._gather_bytes())
         agreed = torch.tensor([depth], device=self.device)
         return int(self.comm.all_reduce(agreed, op=dist.ReduceOp.MIN).item())
 

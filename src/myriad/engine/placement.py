@@ -14,12 +14,22 @@ the warm-up the room for managed bytes at position p is the budget minus the tra
 peak of the intervals next to p (p-1, p, p+1) plus a margin, so ``engine.device_budget_mb``
 bounds everything the step keeps on the device. Without a probe (a CPU) non-model memory is zero.
 
-Eviction follows the trace: the resident payload whose next use is furthest in the future goes
-first (Belady's rule; least recently used during the warm-up). After each access the payloads
-used at the next positions (up to ``prefetch_bytes`` of them) are loaded ahead on a side stream,
-each only if it fits the least room (minus the traced transient bytes) up to its use, by evicting
-only payloads needed later than it. On a CPU-only machine the "device" is CPU memory too, but the
-accounting, placement, eviction and prefetch decisions are the same and the budget is enforced.
+*Static* placement (``engine.placement``, the default on CUDA) fixes the resident payloads at
+the end of the warm-up: the first ones in order of use that fit the least room any position
+leaves (beyond its traced transient bytes and the gathers started ahead); the rest stay on the
+host for good. Their gathers then upload only their parameters (2 bytes each in bf16) and their
+gradients come down once, instead of whole payloads (14-16 bytes per parameter) moving in and
+out. On the first H200 run the dynamic policy evicted 113 payloads of 0.9 GB in 4 steps of a
+2.7 B model: ~50 GB a step over a PCIe link that moves ~55 GB/s each way.
+
+*Dynamic* placement (the default elsewhere) follows the trace: the resident payload whose next
+use is furthest in the future goes first (Belady's rule; least recently used during the
+warm-up). After each access the payloads used at the next positions (up to ``prefetch_bytes``
+of them) are loaded ahead on a side stream, each only if it fits the least room (minus the
+traced transient bytes) up to its use, by evicting only payloads needed later than it.
+
+On a CPU-only machine the "device" is CPU memory too, but the accounting, placement, eviction
+and prefetch decisions are the same and the budget is enforced.
 """
 
 from __future__ import annotations
@@ -75,6 +85,7 @@ class MemoryManager:
         self.payload_bytes = payload_bytes
         self.probe = probe if self.budget is not None else None  # no budget: nothing to fit
         self.prefetch_bytes, self.margin = prefetch_bytes, margin
+        self.static = False  # set by ``place_static``: no loads after the warm-up
         self.margin_floor = margin_floor if self.probe is not None else 0
         self.transfers = SideStream(device, move)
         self.resident: dict[int, int] = {}  # chunk id -> clock of its last use (on device)
@@ -219,10 +230,13 @@ class MemoryManager:
             if cid in self.prefetched:
                 self.prefetched.discard(cid)
                 self.counts["prefetch_hits"] += 1
+        elif self.static:
+            self.counts["host_accesses"] += 1
         else:
             self._load_on_demand(cid)
-        if not self.tracing and self.budget is not None and self.prefetch_bytes > 0:
-            self._prefetch(cid)
+        if self.static or self.tracing or self.budget is None or self.prefetch_bytes == 0:
+            return
+        self._prefetch(cid)
 
     def ready(self, cid: int) -> None:
         """Payload ``cid``'s tensors are about to be read outside ``touch`` (a gather)."""
@@ -238,6 +252,25 @@ class MemoryManager:
         if self.tracing and self.trace:
             self._finish_trace()
         self.pos = 0
+
+    def place_static(self, reserve: int) -> None:
+        """After the warm-up: keep on the device for good the first payloads in order of use
+        whose bytes fit the least room of any position less ``reserve``; send the others home.
+        A payload evicted later (only if the step outgrows its trace) stays on the host."""
+        spare = self.spare_room()
+        if spare is None:  # no budget: everything stays on the device
+            return
+        room, keep = spare - reserve, []
+        for cid in dict.fromkeys(self.trace + list(range(len(self.payload_bytes)))):
+            if self.payload_bytes[cid] <= room:
+                keep.append(cid)
+                room -= self.payload_bytes[cid]
+        for cid in [c for c in self.resident if c not in keep]:
+            self._evict(cid)
+        for cid in keep:
+            if cid not in self.resident:
+                self._load(cid, ahead=False)
+        self.static = True
 
     def _load_on_demand(self, cid: int) -> None:
         nbytes, limit = self.payload_bytes[cid], self._limit()

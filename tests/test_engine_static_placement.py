@@ -1,0 +1,93 @@
+"""Static placement (``engine.placement = "static"``, the default on CUDA): after the warm-up the
+resident payloads are fixed, the first ones in order of use that fit the least room any position
+leaves; the others stay on the host and their accesses are served from there. No payload moves
+after the warm-up's end, the budget holds, and the losses are the dynamic placement's bit for
+bit (one thread per rank) and the single-process reference's, on 2 gloo ranks with and without
+expert parallelism. The same budget makes the dynamic policy move payloads every step, so the
+budget is one that forces a choice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from test_engine_support import init_rank, reference_losses, run_config, spawn, train_mode
+
+from myriad.engine.config import EngineConfig
+from myriad.errors import UserError
+
+STEPS = 5
+BASE = {"chunk_mb": 0.02, "device_budget_mb": 0.35}  # the tiny model spans 7 chunks
+MODES = {
+    "dynamic": {**BASE, "placement": "dynamic"},
+    "static": {**BASE, "placement": "static"},
+    "static_ep": {**BASE, "placement": "static", "expert_parallel": True},
+    "static_bf16": {**BASE, "placement": "static", "param_dtype": "bfloat16"},
+    "dynamic_bf16": {**BASE, "placement": "dynamic", "param_dtype": "bfloat16"},
+}
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    comm = init_rank(rank, world, port)
+    results = {}
+    for name, kw in MODES.items():
+        engine, result = train_mode(comm, STEPS, **kw)
+        chunks = engine.store.chunks
+        home = {c.index for c in chunks if c.index not in engine.manager.resident}
+        result["host_chunks"] = len(home)
+        result["device_chunks"] = len(chunks) - len(home)
+        results[name] = result
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("static_placement")
+    spawn(_worker, 2, str(out))
+    ranks = [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return ranks, reference_losses(run_config(), world=2, steps=STEPS)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static", "static_ep"])
+def test_matches_single_process(runs, mode):
+    ranks, ref = runs
+    for r in ranks:
+        assert r[mode]["losses"] == pytest.approx(ref, rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["", "_bf16"])
+def test_static_changes_no_bit(runs, dtype):
+    ranks, _ = runs
+    for r in ranks:
+        assert r[f"static{dtype}"]["losses"] == r[f"dynamic{dtype}"]["losses"]
+
+
+@pytest.mark.parametrize("mode", ["static", "static_ep", "static_bf16"])
+def test_no_payload_moves_after_the_warmup(runs, mode):
+    ranks, _ = runs
+    for r in ranks:
+        run = r[mode]
+        report = run["report"]
+        # The warm-up step evicts as it loads, and its end sends home what does not fit; after
+        # that nothing moves.
+        assert run["evictions"][0] > 0 and run["evictions"][1:] == [0] * (STEPS - 1)
+        assert report["placement"] == "static"
+        assert run["device_chunks"] > 0 and run["host_chunks"] > 0
+        assert report["host_accesses"] > 0
+        assert 0 < report["peak_device_bytes"] <= report["budget_bytes"]
+
+
+def test_dynamic_moves_payloads_every_step_under_the_same_budget(runs):
+    ranks, _ = runs
+    for r in ranks:
+        assert all(n > 0 for n in r["dynamic"]["evictions"]), r["dynamic"]["evictions"]
+        assert r["dynamic"]["report"]["placement"] == "dynamic"
+
+
+def test_unknown_placement_is_a_user_error():
+    with pytest.raises(UserError, match="engine.placement must be one of"):
+        EngineConfig(kind="myriad", placement="belady").validate()

@@ -54,6 +54,7 @@ if [ "$part" = dense ]; then
   run_limited 120 test_engine_cuda python3 -m pytest -q -p no:cacheprovider -x \
     tests/test_engine_cuda.py
   ac dense 100 myriad-offload-bf16
+  ac dense 100 myriad-offload-bf16-dynamic
   ac dense 100 myriad-offload-bf16-serial
   ac dense 100 myriad-offload-bf16-ondemand
   budget=40 mode dense 100 myriad-offload-bf16

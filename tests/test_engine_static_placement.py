@@ -25,6 +25,7 @@ MODES = {
     "dynamic": {**BASE, "placement": "dynamic"},
     "static": {**BASE, "placement": "static"},
     "static_ep": {**BASE, "placement": "static", "expert_parallel": True},
+    "static_overlap": {**BASE, "placement": "static", "overlap_step": "on"},
     "static_bf16": {**BASE, "placement": "static", "param_dtype": "bfloat16"},
     "dynamic_bf16": {**BASE, "placement": "dynamic", "param_dtype": "bfloat16"},
 }
@@ -66,7 +67,17 @@ def test_static_changes_no_bit(runs, dtype):
         assert r[f"static{dtype}"]["losses"] == r[f"dynamic{dtype}"]["losses"]
 
 
-@pytest.mark.parametrize("mode", ["static", "static_ep", "static_bf16"])
+def test_host_payloads_update_during_the_next_forward(runs):
+    """The overlapped step (the CUDA default) hands exactly the host-resident payloads, which
+    static placement fixes, to the update thread, and changes no bit."""
+    ranks, _ = runs
+    for r in ranks:
+        run = r["static_overlap"]
+        assert run["losses"] == r["static"]["losses"]
+        assert run["report"]["overlapped_updates"] == run["host_chunks"] * (STEPS - 1)
+
+
+@pytest.mark.parametrize("mode", ["static", "static_ep", "static_overlap", "static_bf16"])
 def test_no_payload_moves_after_the_warmup(runs, mode):
     ranks, _ = runs
     for r in ranks:

@@ -2,10 +2,13 @@
 # One short GPU session for the training engine (issue 4): the CUDA engine tests, then the
 # 2.8 B dense model (or its MoE twin) under Myriad's engine with offload, FSDP2 +
 # CPUOffloadPolicy and DeepSpeed ZeRO-2 / ZeRO-3 with CPU offload, each mode in its own process.
-# Usage: [BUDGET_GB=31] [DEADLINE_S=540] bash benchmarks/gpu_engine.sh OUT_DIR [dense|moe|largest] [STEPS]
+# Usage: [BUDGET_GB=31] [DEADLINE_S=540] \
+#          bash benchmarks/gpu_engine.sh OUT_DIR [dense|moe|largest] [STEPS]
 # Modes run most important first, each under its own time limit, and none starts once the
 # deadline is near: a slow or failing mode costs only its own row. Rows are appended to
-# OUT_DIR/rows.jsonl as they finish; OUT_DIR/log.txt has every mode's output.
+# OUT_DIR/rows.jsonl as they finish; OUT_DIR/log.txt has every mode's output. One mode takes
+# about a minute (DeepSpeed's ZeRO-2 two: its CPU Adam is built first), so "dense" fits one
+# 10-minute command up to about the 52-layer rows.
 # "largest": the dense family at 52 and 78 layers (5.4 B and 8.1 B parameters) under a 24 GB
 # budget with activation checkpointing, Myriad bf16 offload against FSDP2 + CPUOffloadPolicy
 # bf16; a size trains under 24 GB when its row runs and its peak GPU memory is at most 24 GB.
@@ -50,18 +53,23 @@ print(json.dumps(r))" "$json" "$model" "${TAG:-}" "$budget" | tee -a "$out/rows.
 # Without activation checkpointing the dense model's activations alone take about 30 GB (the
 # first H200 run): Myriad's engine then needs a 40 GB budget; with it, 31 GB is plenty.
 ac() { TAG=ac- EXTRA=--recompute mode "$@"; }
-if [ "$part" = dense ]; then
+largest() {  # layers, mode: the dense family under a 24 GB budget, with AC
+  budget=24 TAG="L$1-" EXTRA="--recompute --gpu-layers $1" mode dense 150 "$2"
+}
+if [ "$part" = dense ]; then  # most important first: what does not fit the deadline is skipped
   run_limited 120 test_engine_cuda python3 -m pytest -q -p no:cacheprovider -x \
     tests/test_engine_cuda.py
   ac dense 100 myriad-offload-bf16
   ac dense 100 myriad-offload-bf16-dynamic
+  mode dense 100 fsdp2-offload-bf16
+  mode dense 180 deepspeed-zero2-offload
   ac dense 100 myriad-offload-bf16-serial
+  mode dense 60 none
+  largest 52 myriad-offload-bf16
+  largest 52 fsdp2-offload-bf16
   ac dense 100 myriad-offload-bf16-ondemand
   budget=40 mode dense 100 myriad-offload-bf16
-  mode dense 100 fsdp2-offload-bf16
   ac dense 100 fsdp2-offload-bf16
-  mode dense 60 none
-  mode dense 180 deepspeed-zero2-offload
   mode dense 150 deepspeed-zero3-offload
   ac dense 100 myriad-offload
   mode dense 100 fsdp2-offload
@@ -74,9 +82,7 @@ if [ "$part" = moe ]; then
 fi
 if [ "$part" = largest ]; then
   for layers in 52 78; do
-    budget=24 TAG="L$layers-" EXTRA="--recompute --gpu-layers $layers" mode dense 150 \
-      myriad-offload-bf16
-    budget=24 TAG="L$layers-" EXTRA="--recompute --gpu-layers $layers" mode dense 150 \
-      fsdp2-offload-bf16
+    largest "$layers" myriad-offload-bf16
+    largest "$layers" fsdp2-offload-bf16
   done
 fi

@@ -165,9 +165,8 @@ class Engine:
         return optimizer
 
     def _new_moments(self, shard_S: torch.Tensor) -> list[torch.Tensor]:
-        """A host payload's moments are made in its home (zero pages until first written), a
-        device payload's beside it: a transient host copy would raise the peak host RAM by
-        8 bytes per parameter."""
+        """A host payload's moments are made in its home, a device payload's beside it: made
+        elsewhere and copied in, they raised the peak host RAM by 8 bytes per parameter."""
         home = self.host_home.get(self._chunk_of_shard[shard_S].index)
         if home is not None and shard_S.data_ptr() == home[0].data_ptr():
             return [home[2].zero_(), home[3].zero_()]

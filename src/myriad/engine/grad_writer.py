@@ -10,7 +10,8 @@ gives the shard's sum of squares for the gradient clip, on the GPU, so the clip 
 the host shards (a CPU pass over all of them on the step's critical path). The writer keeps the
 reduced tensor until the copy has read it and only then hands its bytes back to the memory
 manager (``free``): released at once, as ``record_stream`` would have it, the copies still in
-flight were device memory outside the budget (the first H200 run's peak exceeded it by 4 %).
+flight were device memory outside the budget (a suspect in the first H200 run, whose peak
+exceeded the budget by 4 %).
 The shard itself is read only after ``wait`` (the next add into it, a payload move, and the end
 of the backward, before the clip and the optimizer).
 """

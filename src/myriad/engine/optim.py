@@ -10,8 +10,8 @@ With a low-precision gradient shard (``engine.reduce_dtype = "bfloat16"``) the s
 master's ``.grad`` (the kernel needs one dtype): the step upcasts one shard's gradient at a time
 and runs the same kernel on that shard, so the fp32 copy of the gradients never exists whole. On
 the host the upcast goes into one reused buffer per thread: a fresh fp32 tensor per shard is
-fresh pages from the system each time, and faulting them in made the CPU step 2.9x slower
-(2.0 against 0.7 ns per parameter, 2 cores).
+fresh pages from the system each time, and faulting them in made the CPU step 6.4x slower with
+16 M-element shards on 2 cores (``benchmarks/engine.py``, its AdamW line).
 
 With ``engine.overlap_step`` the host-resident shards are updated later, by a background thread
 (``overlap.py``), with the same kernel, one shard at a time, so the result is the same.

@@ -265,7 +265,7 @@ class MemoryManager:
             if self.payload_bytes[cid] <= room:
                 keep.append(cid)
                 room -= self.payload_bytes[cid]
-        for cid in set(self.resident) - set(keep):
+        for cid in sorted(set(self.resident) - set(keep)):
             self._evict(cid)
         for cid in keep:
             if cid not in self.resident:

@@ -20,7 +20,8 @@ myriad pretrain --out $work/pt-moe-5k $PT > "$out/pt-moe.log" 2>&1 &
 myriad pretrain --out $work/pt-dense-5k $PT --set model.moe.every=0 > "$out/pt-dense.log" 2>&1 &
 wait
 tail -n 8 "$out/pt-moe.log" "$out/pt-dense.log"; echo "pretrain done $((SECONDS - start)) s"
-# --adapt-steps: each checkpoint also after task-adaptive pre-training (NAME+tapt, docs/eval.md)
+# --adapt-steps: each checkpoint also after task-adaptive pre-training (NAME+tapt, docs/eval.md),
+# and its control from random weights (scratch+tapt)
 FT=(--epochs 3 --eval-every 100 --patience 5 --threads 4 --adapt-steps 1000 "$@")
 CK=(--checkpoint "moe=$work/pt-moe-5k" --checkpoint "dense=$work/pt-dense-5k")
 for s in 0 1 2; do

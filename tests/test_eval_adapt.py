@@ -1,6 +1,6 @@
 """Task-adaptive pre-training (``myriad evaluate --suite ... --adapt-steps N``): it continues the
 checkpoint's pre-training from its weights on the training texts only, is reused when finished,
-and adds a NAME+tapt system to the suite."""
+and adds a NAME+tapt system to the suite, with its control: the same from random weights."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ import torch
 from test_eval_finetune import FAST, _checkpoint, _write_task
 
 from myriad.cli import main
+from myriad.config import to_dict
 from myriad.eval import suite
 from myriad.eval.adapt import adapt_checkpoint, training_texts
 from myriad.eval.finetune import FinetuneConfig
 from myriad.eval.tasks import load_task
 from myriad.train import checkpoint, load_model_from_checkpoint
+from myriad.train.checkpoint import save_checkpoint
 
 STEPS = 6
 
@@ -52,6 +54,32 @@ def test_adapted_run_continues_from_the_checkpoint_on_training_texts(tiny, tmp_p
     assert "reusing" in lines[-1]
 
 
+def test_scratch_control_starts_from_random_weights_with_the_same_tokenizer(tiny, tmp_path):
+    _, task = tiny
+    run = _checkpoint(tmp_path / "src")  # then moved off the seeded initialisation
+    model, cfg = load_model_from_checkpoint(run)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    save_checkpoint(
+        run / "checkpoints", step=2, model=model, config=to_dict(cfg), state={}, summary={}
+    )
+    out = adapt_checkpoint(task, "ctl", run, STEPS, tmp_path, lambda _: None, scratch=True)
+    assert (out / "tokenizer.json").read_bytes() == (run / "tokenizer.json").read_bytes()
+    assert checkpoint.read_checkpoint_info(out / "checkpoints" / "latest")["step"] == STEPS
+    control, _ = load_model_from_checkpoint(out)
+    for name, before in model.state_dict().items():
+        after = control.state_dict()[name]
+        if before.dim() >= 2:  # far from the checkpoint's weights: the shift is gone
+            assert (after - before).mean().item() < -0.4, name
+    warm = adapt_checkpoint(task, "ctl", run, STEPS, tmp_path, lambda _: None)
+    assert warm == out  # the same name with other settings: trained again, from the checkpoint
+    adapted, _ = load_model_from_checkpoint(warm)
+    for name, before in model.state_dict().items():
+        if before.dim() >= 2:
+            assert abs((adapted.state_dict()[name] - before).mean().item()) < 0.1, name
+
+
 def test_suite_adds_an_adapted_system(tiny, tmp_path, monkeypatch):
     run, task = tiny
     labelled = dataclasses.replace(  # a built-in task's test split has labels
@@ -72,6 +100,10 @@ def test_suite_adds_an_adapted_system(tiny, tmp_path, monkeypatch):
     assert "| m+tapt |" in report and "task-adaptive pre-training" in report
     tapt = json.loads((tmp_path / "work" / "jsonl-m+tapt-seed0" / "summary.json").read_text())
     assert tapt["checkpoint"] == str(tmp_path / "work" / "adapt-jsonl-m" / "run")
+    assert "| scratch+tapt |" in report and "the control" in report
+    control = tmp_path / "work" / "jsonl-scratch+tapt-seed0" / "summary.json"
+    summary = json.loads(control.read_text())
+    assert summary["checkpoint"] == str(tmp_path / "work" / "adapt-jsonl-scratch" / "run")
 
 
 def test_cli_rejects_negative_adapt_steps(tiny, capsys):

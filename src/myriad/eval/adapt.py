@@ -7,7 +7,9 @@ for a few steps on the task's *training* texts, labels unused: the built-in chec
 texts are never read. The run is an ordinary ``myriad pretrain --init-from CKPT`` (same recipe,
 tokenizer and optimizer settings; warm-up capped at a tenth of the steps, no curriculum, one
 process) in ``<work>/adapt-TASK-NAME/run``, reused when a finished one has the same source and
-steps.
+steps. With ``scratch`` the same run starts from random weights instead (the checkpoint gives
+only its recipe and tokenizer): the control that tells how much of the gain is the checkpoint's
+pre-training and how much the in-domain masked-LM alone.
 """
 
 from __future__ import annotations
@@ -33,9 +35,16 @@ def training_texts(task: Task) -> list[str]:
 
 
 def adapt_checkpoint(
-    task: Task, name: str, ckpt: Path, steps: int, work: Path, log: Callable[[str], None]
+    task: Task,
+    name: str,
+    ckpt: Path,
+    steps: int,
+    work: Path,
+    log: Callable[[str], None],
+    scratch: bool = False,
 ) -> Path:
-    """The run directory of ``ckpt`` after ``steps`` steps of pre-training on ``task``'s texts.
+    """The run directory of ``ckpt`` (``scratch``: of its architecture, randomly initialised)
+    after ``steps`` steps of pre-training on ``task``'s texts.
 
     Suite processes sharing ``work`` (one per seed) take turns: the first trains, the others
     wait on a file lock and reuse its run."""
@@ -43,14 +52,20 @@ def adapt_checkpoint(
     work.mkdir(parents=True, exist_ok=True)
     with (work / f"{out.name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _adapt(task, name, ckpt, steps, out, log)
+        return _adapt(task, name, ckpt, steps, out, log, scratch)
 
 
 def _adapt(
-    task: Task, name: str, ckpt: Path, steps: int, out: Path, log: Callable[[str], None]
+    task: Task,
+    name: str,
+    ckpt: Path,
+    steps: int,
+    out: Path,
+    log: Callable[[str], None],
+    scratch: bool,
 ) -> Path:
     step_dir, cfg = hotstart.source_checkpoint(str(ckpt))
-    run, marker = out / "run", {"source": str(step_dir), "steps": steps}
+    run, marker = out / "run", {"source": str(step_dir), "steps": steps, "scratch": scratch}
     done = out / "adapt.json"
     finished = done.is_file() and checkpoint.latest_checkpoint(run / "checkpoints") is not None
     if finished and json.loads(done.read_text(encoding="utf-8")) == marker:
@@ -61,6 +76,8 @@ def _adapt(
     corpus = out / "texts.txt"
     write_text_atomic(corpus, "".join(t + "\n" for t in training_texts(task)))
     t = cfg.train
+    # from scratch: random weights, the checkpoint's tokenizer (hot-starting reuses it anyway)
+    tokenizer = {"tokenizer": str(hotstart.source_tokenizer(step_dir))} if scratch else {}
     cfg = dataclasses.replace(
         cfg,
         engine=EngineConfig(),  # one process, whatever engine the checkpoint was trained with
@@ -70,11 +87,12 @@ def _adapt(
             format="text",
             max_documents=0,
             curriculum=CurriculumConfig(),
+            **tokenizer,
         ),
         train=dataclasses.replace(
             t,
             steps=steps,
-            init_from=str(step_dir),
+            init_from="" if scratch else str(step_dir),
             warmup_steps=min(t.warmup_steps, steps // 10),
             eval_every=max(steps // 4, 1),
             checkpoint_every=steps,

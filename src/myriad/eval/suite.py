@@ -2,7 +2,9 @@
 
 Systems: the TF-IDF baseline, the first checkpoint's architecture fine-tuned from random
 initialisation ("from scratch"), each pre-trained checkpoint fine-tuned, and with
-``adapt_steps`` each checkpoint again after task-adaptive pre-training (``adapt.py``). Each
+``adapt_steps`` each checkpoint again after task-adaptive pre-training (``adapt.py``), plus its
+control: the same steps of masked-LM on the task's texts from random weights (``scratch+tapt``),
+which tells how much of a ``+tapt`` lead is the checkpoint's pre-training. Each
 neural run writes its usual fine-tuning folder under ``work_dir`` (a finished one with the same
 settings is reused, so an interrupted suite resumes); the report is one markdown table of test
 accuracy (mean ± sample standard deviation over seeds) per task, with a CLUE-style average
@@ -29,6 +31,7 @@ from myriad.eval.outputs import write_text_atomic
 from myriad.eval.tasks import Task, load_task
 
 SUITES = {"builtin": tuple(BUILTIN_TASKS)}
+SCRATCH_TAPT = "scratch+tapt"  # the control of the +tapt systems
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -81,6 +84,8 @@ def run_suite(cfg: SuiteConfig, ft: FinetuneConfig, *, log: Callable[[str], None
     systems += [(name, Path(path), False) for name, path in cfg.checkpoints.items()]
     adapted = {f"{name}+tapt": name for name in cfg.checkpoints} if cfg.adapt_steps else {}
     systems += [(tapt, Path(cfg.checkpoints[name]), False) for tapt, name in adapted.items()]
+    if cfg.adapt_steps:
+        systems.append((SCRATCH_TAPT, first, False))
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     work = Path(cfg.work_dir)
     for task_name in SUITES[cfg.suite]:
@@ -93,6 +98,8 @@ def run_suite(cfg: SuiteConfig, ft: FinetuneConfig, *, log: Callable[[str], None
                 continue
             if name in adapted:
                 ckpt = adapt_checkpoint(task, adapted[name], ckpt, cfg.adapt_steps, work, log)
+            elif name == SCRATCH_TAPT:
+                ckpt = adapt_checkpoint(task, "scratch", ckpt, cfg.adapt_steps, work, log, True)
             for seed in cfg.seeds:
                 run_cfg = dataclasses.replace(ft, seed=seed, from_scratch=scratch)
                 rows.append(_finetune_once(task, name, ckpt, run_cfg, work, log))
@@ -102,6 +109,11 @@ def run_suite(cfg: SuiteConfig, ft: FinetuneConfig, *, log: Callable[[str], None
             f"`{cfg.checkpoints[name]}` after {cfg.adapt_steps} more steps of its pre-training "
             "on each task's training texts, labels unused (task-adaptive pre-training), "
             "fine-tuned"
+        )
+    if cfg.adapt_steps:
+        labels[SCRATCH_TAPT] = (
+            f"the control: `{first}`'s architecture from random weights, {cfg.adapt_steps} "
+            "steps of the same pre-training on each task's training texts, fine-tuned"
         )
     text = render_report(results, labels, cfg, ft)
     write_text_atomic(Path(cfg.report), text)

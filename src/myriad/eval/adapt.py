@@ -77,7 +77,7 @@ def _adapt(
     write_text_atomic(corpus, "".join(t + "\n" for t in training_texts(task)))
     t = cfg.train
     # from scratch: random weights, the checkpoint's tokenizer (hot-starting reuses it anyway)
-    tokenizer = {"tokenizer": str(hotstart.source_tokenizer(step_dir))} if scratch else {}
+    tokenizer = str(hotstart.source_tokenizer(step_dir)) if scratch else cfg.data.tokenizer
     cfg = dataclasses.replace(
         cfg,
         engine=EngineConfig(),  # one process, whatever engine the checkpoint was trained with
@@ -87,7 +87,7 @@ def _adapt(
             format="text",
             max_documents=0,
             curriculum=CurriculumConfig(),
-            **tokenizer,
+            tokenizer=tokenizer,
         ),
         train=dataclasses.replace(
             t,

@@ -112,3 +112,13 @@ def test_cli_rejects_negative_adapt_steps(tiny, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--adapt-steps must be >= 0, got -1" in err
+
+
+@pytest.mark.parametrize("name", ["tfidf", "scratch", "scratch+tapt", "m"])
+def test_cli_rejects_a_checkpoint_named_like_another_system(tiny, capsys, name):
+    run, _ = tiny
+    args = ["evaluate", "--suite", "builtin", "--checkpoint", f"m={run}"]
+    args += ["--checkpoint", f"{name}={run}"]  # "m" twice
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"'{name}={run}': expected a new NAME=PATH" in err

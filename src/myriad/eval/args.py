@@ -73,7 +73,7 @@ def parse_checkpoints(items: list[str]) -> dict[str, str]:
         name, sep, path = item.partition("=")
         if not sep:
             name, path = Path(item).name, item
-        if not name or not path or name in named or name in ("tfidf", "scratch"):
+        if not name or not path or name in named or name in ("tfidf", "scratch", "scratch+tapt"):
             raise UserError(f"--checkpoint {item!r}: expected a new NAME=PATH")
         named[name] = path
     return named

@@ -329,29 +329,20 @@ def adam_rate(numel: int, repeats: int = 5) -> tuple[float, float, float]:
             opt.step()
         return numel * repeats / (time.perf_counter() - t0)
 
+    def shard_adamw(params: list, **kw: Any) -> ShardAdamW:
+        groups = [{"params": params, "weight_decay": 0.01}]
+        none = lambda *_: None  # noqa: E731  # no memory manager to call
+        return ShardAdamW(
+            groups, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, before_step=none, after_step=none, **kw
+        )
+
     shard = shard_param(torch.randn(numel))
     assert shard.grad is not None
     shard.grad.normal_()
-    mine = ShardAdamW(
-        [{"params": [shard], "weight_decay": 0.01}],
-        lr=1e-3,
-        betas=(0.9, 0.95),
-        eps=1e-8,
-        before_step=lambda: None,
-        after_step=lambda: None,
-    )
+    mine = shard_adamw([shard])
     shards = [shard_param(torch.randn(numel // 4), torch.bfloat16) for _ in range(4)]
     low = {s: torch.randn(s.numel()).bfloat16() for s in shards}
-    mine_bf16 = ShardAdamW(
-        [{"params": shards, "weight_decay": 0.01}],
-        lr=1e-3,
-        betas=(0.9, 0.95),
-        eps=1e-8,
-        before_step=lambda: None,
-        after_step=lambda: None,
-        low_grads=low,
-        reset_grad=lambda p: None,
-    )
+    mine_bf16 = shard_adamw(shards, low_grads=low, reset_grad=lambda p: None)
     p = torch.nn.Parameter(torch.randn(numel))
     p.grad = torch.randn(numel)
     ref = torch.optim.AdamW([p], lr=1e-3, betas=(0.9, 0.95), eps=1e-8, fused=True)

@@ -9,12 +9,8 @@ budget is one that forces a choice.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import torch
-import torch.distributed as dist
-from test_engine_support import init_rank, reference_losses, run_config, spawn, train_mode
+from test_engine_support import reference_losses, run_config, run_engine
 
 from myriad.engine.config import EngineConfig
 from myriad.errors import UserError
@@ -31,26 +27,14 @@ MODES = {
 }
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    comm = init_rank(rank, world, port)
-    results = {}
-    for name, kw in MODES.items():
-        engine, result = train_mode(comm, STEPS, **kw)
-        chunks = engine.store.chunks
-        home = {c.index for c in chunks if c.index not in engine.manager.resident}
-        result["host_chunks"] = len(home)
-        result["device_chunks"] = len(chunks) - len(home)
-        results[name] = result
-    torch.save(results, Path(out) / f"rank{rank}.pt")
-    dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("static_placement")
-    spawn(_worker, 2, str(out))
-    ranks = [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    ranks = run_engine(tmp_path_factory.mktemp("static_placement"), 2, STEPS, MODES)
     return ranks, reference_losses(run_config(), world=2, steps=STEPS)
+
+
+def _host_chunks(report: dict) -> int:
+    return report["chunks"] - report["resident_chunks"]
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "static", "static_ep"])
@@ -74,7 +58,8 @@ def test_host_payloads_update_during_the_next_forward(runs):
     for r in ranks:
         run = r["static_overlap"]
         assert run["losses"] == r["static"]["losses"]
-        assert run["report"]["overlapped_updates"] == run["host_chunks"] * (STEPS - 1)
+        report = run["report"]
+        assert report["overlapped_updates"] == _host_chunks(report) * (STEPS - 1)
 
 
 @pytest.mark.parametrize("mode", ["static", "static_ep", "static_overlap", "static_bf16"])
@@ -87,7 +72,7 @@ def test_no_payload_moves_after_the_warmup(runs, mode):
         # that nothing moves.
         assert run["evictions"][0] > 0 and run["evictions"][1:] == [0] * (STEPS - 1)
         assert report["placement"] == "static"
-        assert run["device_chunks"] > 0 and run["host_chunks"] > 0
+        assert report["resident_chunks"] > 0 and _host_chunks(report) > 0
         assert report["host_accesses"] > 0
         assert 0 < report["peak_device_bytes"] <= report["budget_bytes"]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from myriad.model import moe_dispatch
+from myriad.model import gemm_batch, moe_dispatch
 from myriad.model.config import MoEConfig
 from myriad.model.layers import SwiGLU
 from myriad.model.moe import MoEFeedForward, choose_strategy
@@ -150,8 +150,13 @@ def test_1536_experts(strategy):
     check_against_reference(layer, torch.randn(64, 8), strategy)
 
 
-def test_auto_strategy_by_shape():
+def test_auto_strategy_by_shape(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    if gemm_batch.available():  # MKL's grouped batch GEMM: the CPU fp32 default at every shape
+        assert choose_strategy(4096, 8, cpu, torch.float32) == "gemm_batch"
+        assert choose_strategy(2048, 256, cpu, torch.float32) == "gemm_batch"
+    assert choose_strategy(4096, 8, cpu, torch.bfloat16) == "padded"
+    monkeypatch.setattr(gemm_batch, "available", lambda: False)  # a build without MKL
     assert choose_strategy(4096, 8, cpu, torch.float32) == "padded"
     assert choose_strategy(8 * 8192, 8, cpu, torch.float32) == "grouped"
     assert choose_strategy(2048, 256, cpu, torch.float32) == "padded"
@@ -248,7 +253,7 @@ def test_reused_grad_buffers_stay_exact(strategy, monkeypatch):
     _train_step(layer, x2, g2)  # gradients were set to None: the buffers are reused
     for name, p in layer.named_parameters():
         torch.testing.assert_close(p.grad, ref2[name], **TOL, msg=name)
-    if strategy in ("padded", "loop"):  # layouts whose wgrad takes out=: same memory again
+    if strategy in ("padded", "loop", "gemm_batch"):  # wgrad takes out=: the same memory again
         assert all(getattr(layer, n).grad.data_ptr() == ptrs[n] for n in names)
     else:
         assert not {"w_in", "w_out"} & set(layer._grad_bufs._bufs)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from myriad.model import gemm_batch
 from myriad.model.config import MoEConfig
 from myriad.model.layers import SwiGLU
 from myriad.model.moe_dispatch import (
@@ -58,12 +59,16 @@ def choose_strategy(
 ) -> str:
     """Pick the dispatch strategy for a shape: grouped when experts are busy, else padded.
 
-    grouped_mm on CUDA takes only bf16 and at most ``MAX_GROUPS`` experts per call; builds
-    without a grouped matmul use the padded bmm (exact, and fast at every size we measured).
+    On the CPU in fp32, MKL's grouped batch GEMM (``gemm_batch``) wherever PyTorch ships it: no
+    padding and one call for all experts. grouped_mm on CUDA takes only bf16 and at most
+    ``MAX_GROUPS`` experts per call; builds without a grouped matmul use the padded bmm (exact,
+    and fast at every size we measured).
     """
+    on_cuda = device.type == "cuda"
+    if not on_cuda and dtype == torch.float32 and gemm_batch.available():
+        return "gemm_batch"
     if grouped_mm_fn() is None:
         return "padded"
-    on_cuda = device.type == "cuda"
     if on_cuda and dtype != torch.bfloat16:
         return "padded"
     threshold = GROUPED_MIN_ROWS_PER_EXPERT["cuda" if on_cuda else "cpu"]

@@ -73,3 +73,7 @@ def test_rejects_what_sgemm_cannot_take():
         gemm_batch.grouped_gemm(a.bfloat16(), off, b, off, c, off, rows, 2, 3)
     with pytest.raises(ValueError, match="row-major"):
         gemm_batch.grouped_gemm(a, off, b, off, torch.empty(2, 4).t(), off, rows, 2, 3)
+    with pytest.raises(ValueError, match="A lies outside"):  # raw pointers: never read past
+        gemm_batch.grouped_gemm(a, off + 1, b, off, c, off, rows, 2, 3)
+    with pytest.raises(ValueError, match="C lies outside"):
+        gemm_batch.grouped_gemm(torch.ones(5, 3), off, b, off, c, off, torch.tensor([5]), 2, 3)

@@ -18,6 +18,7 @@ import ctypes
 import functools
 from pathlib import Path
 
+import numpy as np
 import torch
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
@@ -51,6 +52,32 @@ def _layout(t: torch.Tensor) -> tuple[int, int]:
     raise ValueError("gemm_batch needs matrices with one unit stride")
 
 
+def _per_group(v: torch.Tensor | int, groups: int) -> np.ndarray:
+    """One int64 value per group (a CPU tensor's numbers, or one int repeated)."""
+    if isinstance(v, torch.Tensor):
+        return v.numpy().astype(np.int64, copy=False)
+    return np.full(groups, v, dtype=np.int64)
+
+
+def _check_inside(
+    name: str,
+    t: torch.Tensor,
+    off_G: np.ndarray,
+    rows_G: np.ndarray,
+    cols_G: np.ndarray,
+    trans: int,
+    ld: int,
+) -> None:
+    """Refuse a group whose (rows, cols) matrix would reach outside ``t``: MKL reads raw memory."""
+    stored_rows, stored_cols = (cols_G, rows_G) if trans == _TRANS else (rows_G, cols_G)
+    end_G = off_G + (stored_rows - 1) * ld + stored_cols
+    extent = sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
+    span = 0 if t.numel() == 0 else 1 + extent
+    used_G = (rows_G > 0) & (cols_G > 0)
+    if (used_G & ((off_G < 0) | (end_G > span))).any():
+        raise ValueError(f"gemm_batch: a group of {name} lies outside its tensor")
+
+
 def grouped_gemm(
     a: torch.Tensor,
     a_off_G: torch.Tensor,
@@ -66,9 +93,9 @@ def grouped_gemm(
 
     A_g is the (m_g, k_g) matrix that starts ``a_off_G[g]`` elements into ``a``, laid out with
     ``a``'s strides (its last two dims; a transposed view works), and likewise B_g (k_g, n_g) in
-    ``b`` and C_g (m_g, n_g) in ``c`` (row-major). A group with k_g = 0 gets C_g = 0. The caller
-    keeps every matrix inside its tensor. Offsets are integer CPU tensors of length G (the
-    number of groups); each size is one too, or an int shared by all groups (``a_off_G`` sets G).
+    ``b`` and C_g (m_g, n_g) in ``c`` (row-major). A group with k_g = 0 gets C_g = 0. Offsets are
+    integer CPU tensors of length G (the number of groups); each size is one too, or an int
+    shared by all groups. A group reaching outside its tensor is refused before MKL runs.
     """
     fn = _sgemm_batch()
     if fn is None:
@@ -82,23 +109,29 @@ def grouped_gemm(
     groups = a_off_G.numel()
     if groups == 0:
         return
+    # numpy, not torch, for these small per-call arrays: ~1 us per operation instead of ~5.
+    m, n, k = (_per_group(v, groups) for v in (m_G, n_G, k_G))
+    offsets = [_per_group(off, groups) for off in (a_off_G, b_off_G, c_off_G)]
+    for name, t, off, rows, cols, trans, ld in (
+        ("A", a, offsets[0], m, k, ta, lda),
+        ("B", b, offsets[1], k, n, tb, ldb),
+        ("C", c, offsets[2], m, n, tc, ldc),
+    ):
+        _check_inside(name, t, off, rows, cols, trans, ld)
+    a_ptr, b_ptr, c_ptr = (
+        t.data_ptr() + off * _F32 for t, off in zip((a, b, c), offsets, strict=True)
+    )
 
-    def ints(v: torch.Tensor | int) -> torch.Tensor:
-        if isinstance(v, torch.Tensor):
-            return v.to(torch.int32)
-        return torch.full((groups,), v, dtype=torch.int32)
+    def same(v: int | float, dtype: type = np.int32) -> np.ndarray:
+        return np.full(groups, v, dtype=dtype)
 
-    def addresses(t: torch.Tensor, off_G: torch.Tensor) -> torch.Tensor:
-        return t.data_ptr() + off_G.to(torch.int64) * _F32
-
+    m32, n32, k32 = (v.astype(np.int32) for v in (m, n, k))
     args = [  # kept alive in this list for the duration of the call
-        ints(ta), ints(tb), ints(m_G), ints(n_G), ints(k_G),
-        torch.ones(groups), addresses(a, a_off_G), ints(lda),
-        addresses(b, b_off_G), ints(ldb), torch.zeros(groups),
-        addresses(c, c_off_G), ints(ldc),
+        same(ta), same(tb), m32, n32, k32, same(1.0, np.float32), a_ptr, same(lda),
+        b_ptr, same(ldb), same(0.0, np.float32), c_ptr, same(ldc),
     ]  # fmt: skip
-    sizes_G = torch.ones(groups, dtype=torch.int32)  # one product per group
-    fn(_ROW_MAJOR, *[t.data_ptr() for t in args], groups, sizes_G.data_ptr())
+    sizes = same(1)  # one product per group
+    fn(_ROW_MAJOR, *(arr.ctypes.data for arr in args), groups, sizes.ctypes.data)
 
 
 @functools.cache

@@ -152,10 +152,11 @@ def test_1536_experts(strategy):
 
 def test_auto_strategy_by_shape(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    if gemm_batch.available():  # MKL's grouped batch GEMM: the CPU fp32 default at every shape
-        assert choose_strategy(4096, 8, cpu, torch.float32) == "gemm_batch"
+    if gemm_batch.available():  # MKL's grouped batch GEMM for many small experts in fp32
+        assert choose_strategy(4096, 64, cpu, torch.float32) == "gemm_batch"
         assert choose_strategy(2048, 256, cpu, torch.float32) == "gemm_batch"
-    assert choose_strategy(4096, 8, cpu, torch.bfloat16) == "padded"
+    assert choose_strategy(4096, 8, cpu, torch.float32) == "padded"  # 512 rows per expert
+    assert choose_strategy(4096, 64, cpu, torch.bfloat16) == "padded"
     monkeypatch.setattr(gemm_batch, "available", lambda: False)  # a build without MKL
     assert choose_strategy(4096, 8, cpu, torch.float32) == "padded"
     assert choose_strategy(8 * 8192, 8, cpu, torch.float32) == "grouped"

@@ -158,6 +158,7 @@ def test_auto_strategy_by_shape(monkeypatch):
     assert choose_strategy(4096, 8, cpu, torch.float32) == "padded"  # 512 rows per expert
     assert choose_strategy(4096, 64, cpu, torch.bfloat16) == "padded"
     monkeypatch.setattr(gemm_batch, "available", lambda: False)  # a build without MKL
+    assert choose_strategy(4096, 64, cpu, torch.float32) == "padded"
     assert choose_strategy(4096, 8, cpu, torch.float32) == "padded"
     assert choose_strategy(8 * 8192, 8, cpu, torch.float32) == "grouped"
     assert choose_strategy(2048, 256, cpu, torch.float32) == "padded"

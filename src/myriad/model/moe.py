@@ -39,8 +39,8 @@ from myriad.model.router import Routing, TopKRouter
 # Above that, chunked grouped_mm was 10 % behind padded at 1,536 experts (docs/benchmarks.md).
 GROUPED_MIN_ROWS_PER_EXPERT = {"cpu": 4096, "cuda": 0}
 # Below this mean load per expert the CPU in fp32 takes MKL's grouped batch GEMM: 1.08-1.26x the
-# padded bmm at 64 rows, 1.00-1.20x at 8; at 512 rows it was 0.92-0.98x on a quiet machine, so
-# padded keeps the few-expert shapes (docs/benchmarks.md, 2026-12-03).
+# padded bmm at 64 rows per expert, 1.00-1.20x at 8 rows; at 512 rows it was 0.92-0.98x on a
+# quiet machine, so padded keeps the few-expert shapes (docs/benchmarks.md, 2026-12-03).
 GEMM_BATCH_MAX_ROWS_PER_EXPERT = 256
 # CUDA's grouped matmul checks group_count < 1024, so at most 1,023 experts per call.
 MAX_GROUPS = 1023

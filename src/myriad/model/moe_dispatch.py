@@ -17,7 +17,7 @@ Only the row layout and the batched matmul differ between strategies (a :class:`
   when other processes load the cores); the zero rows cost compute, not weight traffic.
 * ``gemm_batch``: rows packed as for ``grouped``; MKL's grouped batch GEMM runs every expert's
   matmul, each with its own row count, in one call (CPU fp32 where PyTorch ships MKL). No
-  padding and no per-expert dispatch: the CPU default wherever it is available.
+  padding and no per-expert dispatch: the CPU default when experts get few rows each.
 * ``chunked``: ``grouped`` over chunks of at most ``max_groups`` experts (CUDA's grouped matmul
   takes fewer than 1,024 groups); one host sync reads the chunks' row boundaries.
 * ``loop``: one ``mm`` per expert; the exact fallback where no grouped matmul exists.

@@ -19,7 +19,7 @@ from myriad.model.config import ModelConfig, MoEConfig
 from myriad.train.step import accumulate_gradients
 
 WORLD, STEPS, MAX_NORM = 2, 4, 0.5
-MODES = ("sharded", "cpu-offload")
+MODES = ("sharded", "cpu-offload", "expert-parallel")
 
 
 def config() -> ModelConfig:
@@ -66,14 +66,17 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        results = {mode: train_sharded(rank, cpu_offload=mode == "cpu-offload") for mode in MODES}
+        results = {mode: train_sharded(rank, mode) for mode in MODES}
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "r0.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def train_sharded(rank: int, cpu_offload: bool) -> dict:
+def train_sharded(rank: int, mode: str) -> dict:
+    """``expert-parallel``: each rank keeps 2 of the 4 experts (all-to-all over both ranks)."""
+    from myriad.engine import fsdp2_experts
+    from myriad.engine.comm import Comm
     from myriad.engine.fsdp2 import (
         all_reduce_expert_loads,
         apply_fsdp2,
@@ -81,9 +84,21 @@ def train_sharded(rank: int, cpu_offload: bool) -> dict:
         clip_grad_norm_,
         full_state_dict,
     )
+    from myriad.engine.runtime import install_dtensor_state_dict_hooks
 
     torch.manual_seed(0)  # every rank builds the same initial weights, as the trainer does
-    model = apply_fsdp2(MoETransformerLM(config()), build_mesh(), cpu_offload=cpu_offload)
+    model = MoETransformerLM(config())
+    experts = None
+    if mode == "expert-parallel":
+        experts = fsdp2_experts.split(model, Comm(rank, WORLD), 0)
+        assert experts is not None and len(experts.rows) == 2  # 1 MoE layer x 2 weights
+    expert_mesh = experts.edp_mesh if experts else None
+    cpu_offload = mode == "cpu-offload"
+    model = apply_fsdp2(model, build_mesh(), cpu_offload=cpu_offload, expert_mesh=expert_mesh)
+    if experts is not None:
+        local = dict(model.named_parameters())[next(iter(experts.rows))]
+        assert local.shape[0] == 2 and local.to_local().shape[0] == 2  # E/k rows, EDP of 1
+        install_dtensor_state_dict_hooks(model, experts)
     opt = optimizer(model)
     params = [p for p in model.parameters() if p.requires_grad]
     losses = []
@@ -98,7 +113,8 @@ def train_sharded(rank: int, cpu_offload: bool) -> dict:
         loss = out.loss.detach().clone()
         dist.all_reduce(loss)
         losses.append(loss.item() / WORLD)
-    return {"losses": losses, "weights": full_state_dict(model)}
+    weights = full_state_dict(model) if experts is None else model.state_dict()
+    return {"losses": losses, "weights": weights}
 
 
 @pytest.fixture(scope="module")

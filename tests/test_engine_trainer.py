@@ -17,6 +17,11 @@ from myriad.train.checkpoint import read_checkpoint_info
 from myriad.train.metrics import read_metrics
 
 ENGINE = EngineConfig(kind="myriad", chunk_mb=0.02, device_budget_mb=0.5)
+FSDP2 = {  # expert parallelism: over all ranks, and in groups of 2 (4 ranks)
+    "fsdp2": EngineConfig(kind="fsdp2"),
+    "fsdp2-ep": EngineConfig(kind="fsdp2", expert_parallel=True),
+    "fsdp2-ep2": EngineConfig(kind="fsdp2", expert_parallel=True, expert_parallel_size=2),
+}
 
 
 def _quiet(_line):
@@ -84,8 +89,8 @@ def _pretrain_rank(
     torch.set_num_threads(1)
     myriad.data.prepare_data = lambda cfg, **kw: FakePrepared(kw["out_dir"])  # type: ignore
     engine = dataclasses.replace(ENGINE, device_budget_mb=0.35, expert_parallel=True)
-    if kind == "fsdp2":
-        engine = EngineConfig(kind="fsdp2")
+    if kind.startswith("fsdp2"):
+        engine = FSDP2[kind]
     cfg = _config(engine)
     cfg = dataclasses.replace(
         cfg, train=dataclasses.replace(cfg.train, activation_checkpointing=recompute)
@@ -101,16 +106,17 @@ def tmp_path_of(out: str):
 
 @pytest.mark.parametrize(
     ("kind", "recompute"),
-    [("myriad", False), ("fsdp2", False), ("myriad", True), ("fsdp2", True)],
-    ids=["myriad", "fsdp2", "myriad-recompute", "fsdp2-recompute"],
+    [("myriad", False), ("fsdp2", False), ("fsdp2-ep", False), ("myriad", True), ("fsdp2", True)],
+    ids=["myriad", "fsdp2", "fsdp2-ep", "myriad-recompute", "fsdp2-recompute"],
 )
 def test_two_ranks_through_run_pretrain(tmp_path, kind, recompute):
     """Rank 0 logs the rank-mean losses of the reference that takes both ranks' streams as two
     micro-batches. Both kinds write one shared, sharded checkpoint (``myriad``:
     ``test_engine_trainer_shards.py``; ``fsdp2``: ``dcp/``, whose weights load and export in
     one process). ``myriad`` runs with partitioning, expert parallelism and offload
-    together; ``fsdp2`` is PyTorch's. ``recompute``: with activation checkpointing, whose
-    recomputed blocks gather their chunks again in the backward."""
+    together; ``fsdp2`` is PyTorch's, ``fsdp2-ep`` with expert parallelism. ``recompute``:
+    with activation checkpointing, whose recomputed blocks gather their chunks again in the
+    backward."""
     from test_engine_support import pretrain_reference, spawn
 
     spawn(_pretrain_rank, 2, str(tmp_path), kind, recompute)
@@ -175,7 +181,7 @@ def test_fsdp2_resume_is_exact(tmp_path):
         assert _losses(tmp_path / "cut" / rank_dir / "metrics.jsonl") == full
 
 
-def _resume_on(rank: int, world: int, port: int, out: str, steps: int) -> None:
+def _resume_on(rank: int, world: int, port: int, out: str, steps: int, kind: str = "fsdp2") -> None:
     """An fsdp2 ``--resume`` to ``steps``; a ``UserError`` goes to ``error-rankR.txt``."""
     from pathlib import Path
 
@@ -188,7 +194,7 @@ def _resume_on(rank: int, world: int, port: int, out: str, steps: int) -> None:
     torchrun_env(rank, world, port)
     torch.set_num_threads(1)
     myriad.data.prepare_data = lambda cfg, **kw: FakePrepared(kw["out_dir"])  # type: ignore
-    cfg = _config(EngineConfig(kind="fsdp2"))
+    cfg = _config(FSDP2[kind])
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
     try:
         run_pretrain(cfg, Path(out), resume=True, log=_quiet)
@@ -223,3 +229,21 @@ def test_fsdp2_resumes_on_another_number_of_ranks(tmp_path):
     (dcp_dir / ".metadata").write_bytes(b"garbage")
     with pytest.raises(UserError, match=f"cannot read the checkpoint files in {dcp_dir}"):
         read_checkpoint_info(run)
+
+
+def test_fsdp2_expert_parallel_resumes_with_another_layout(tmp_path):
+    """4 fsdp2 ranks, experts in EP groups of 2 (each layer's experts sharded over 2 EDP ranks),
+    to step 3, then 2 ranks with EP over both (EDP of 1) to step 6: the same losses and weights
+    as one process taking 4, then 2, micro-batches per step (each expert written once, as part
+    of its whole tensor, and resharded on reading)."""
+    from test_engine_support import pretrain_reference, rewind, spawn
+
+    spawn(_pretrain_rank, 4, str(tmp_path), "fsdp2-ep2")
+    run = rewind(tmp_path / "run", "step-000003")
+    spawn(_resume_on, 2, str(run), 6, "fsdp2-ep")
+    assert not (run / "error-rank0.txt").exists()
+    model, ref = pretrain_reference(_config(), (4, 4, 4, 2, 2, 2))
+    assert _losses(run / "metrics.jsonl") == pytest.approx(ref, rel=1e-5)
+    loaded, _ = load_model_from_checkpoint(run)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], value, rtol=1e-4, atol=1e-6)

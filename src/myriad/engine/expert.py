@@ -164,22 +164,40 @@ def split_experts(
     group sums the groups and divides by N/k; ``grad_scale`` = 1/k makes it the mean over all N
     ranks, like every other gradient.
     """
-    layers = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
-    sizes = {resolve_size(size, comm.world, m.cfg.num_experts) for m in layers}
-    k = sizes.pop() if sizes else 1
+    layers = moe_layers(model)
+    k = expert_parallel_size(layers, comm.world, size)
     if k == 1:
         return {}, None
-    if any(m.cfg.capacity_factor > 0 for m in layers):
-        raise UserError("engine.expert_parallel needs dropless MoE: model.moe.capacity_factor = 0")
     groups = expert_groups(comm, k)
+    return keep_local_experts(layers, groups.ep), groups
+
+
+def moe_layers(model: nn.Module) -> list[MoEFeedForward]:
+    return [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+
+
+def expert_parallel_size(layers: list[MoEFeedForward], world: int, size: int) -> int:
+    """The EP group size k for ``engine.expert_parallel_size`` = ``size`` (checked; 1: none)."""
+    sizes = {resolve_size(size, world, m.cfg.num_experts) for m in layers}
+    k = sizes.pop() if sizes else 1
+    if k > 1 and any(m.cfg.capacity_factor > 0 for m in layers):
+        raise UserError("engine.expert_parallel needs dropless MoE: model.moe.capacity_factor = 0")
+    return k
+
+
+def keep_local_experts(
+    layers: list[MoEFeedForward], ep: Comm
+) -> dict[nn.Parameter, tuple[int, int]]:
+    """Cut every layer's expert weights to EP rank ``ep.rank``'s E/k rows and send its tokens
+    through all-to-all over ``ep``; returns each kept parameter's (first row, E)."""
     local: dict[nn.Parameter, tuple[int, int]] = {}
     for module in layers:
         E = module.cfg.num_experts
-        per = E // k
-        first = groups.ep.rank * per
+        per = E // ep.world
+        first = ep.rank * per
         for attr in EXPERT_WEIGHTS:
             part = getattr(module, attr).detach()[first : first + per].clone()
             setattr(module, attr, nn.Parameter(part))
             local[getattr(module, attr)] = (first, E)
-        module.expert_fn = ExpertParallel(groups.ep, E, grad_scale=1.0 / k)
-    return local, groups
+        module.expert_fn = ExpertParallel(ep, E, grad_scale=1.0 / ep.world)
+    return local

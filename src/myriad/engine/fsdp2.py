@@ -2,8 +2,10 @@
 
 Each Transformer block becomes one FSDP unit (its parameters all-gathered just before its forward
 and backward, resharded after), then the root takes what is left: the embedding (tied to the LM
-head), the final norm. ``CPUOffloadPolicy`` keeps the sharded parameters, gradients and hence the
-optimizer states in host memory; the optimizer step then runs on the CPU.
+head), the final norm. With expert parallelism each MoE layer is a unit of its own, holding only
+its experts, sharded over the expert data-parallel mesh (``fsdp2_experts``).
+``CPUOffloadPolicy`` keeps the sharded parameters, gradients and hence the optimizer states in
+host memory; the optimizer step then runs on the CPU.
 
 Works on CPU with gloo as well as on CUDA with NCCL (tests/test_engine_fsdp2.py runs 2 gloo
 ranks). What a trainer needs besides ``apply_fsdp2``: build the optimizer *after* it (parameters
@@ -12,11 +14,13 @@ the routers' expert loads over ranks with :func:`all_reduce_expert_loads` before
 ``update_router_biases`` (the selection biases are replicated and must move identically), and
 checkpoint with :func:`save_sharded` / :func:`load_sharded` (every rank its shards, through
 ``torch.distributed.checkpoint``, so a run resumes on any number of ranks; single-process readers
-assemble whole tensors from them with ``dcp_weights``).
+assemble whole tensors from them with ``dcp_weights``); with expert parallelism, pass the
+``FSDP2Experts`` to the last two.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -41,6 +45,7 @@ from torch.distributed.fsdp import (
 from torch.distributed.tensor import DTensor
 
 from myriad.engine.dcp_weights import DCP_DIR
+from myriad.engine.fsdp2_experts import FSDP2Experts
 from myriad.errors import UserError
 from myriad.model import MoETransformerLM
 from myriad.model.moe import MoEFeedForward
@@ -65,6 +70,7 @@ def apply_fsdp2(
     param_dtype: torch.dtype | None = None,
     reduce_dtype: torch.dtype | None = None,
     reshard_after_forward: bool = True,
+    expert_mesh: DeviceMesh | None = None,
 ) -> MoETransformerLM:
     """Shard ``model`` in place across ``mesh``: per block, then the root; returns the model.
 
@@ -76,6 +82,9 @@ def apply_fsdp2(
         reduce_dtype: dtype of the gradient reduce-scatter; None follows ``param_dtype``.
         reshard_after_forward: free gathered parameters after each block's forward (ZeRO-3);
             False keeps them until backward (ZeRO-2-like: more memory, one gather less).
+        expert_mesh: with expert parallelism (``fsdp2_experts.split`` ran first), the expert
+            data-parallel mesh: each MoE layer becomes a unit sharded over it, holding only its
+            expert weights (its router and shared experts are units on ``mesh``).
     """
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else None
     policy = offload or OffloadPolicy()
@@ -84,19 +93,24 @@ def apply_fsdp2(
     mp_policy = MixedPrecisionPolicy(
         param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False
     )
+    shard = partial(
+        fully_shard,
+        reshard_after_forward=reshard_after_forward,
+        mp_policy=mp_policy,
+        offload_policy=policy,
+    )
     for module in model.modules():
         if isinstance(module, MoEFeedForward):
             # A cached per-layer expert-gradient buffer would keep an unsharded gradient alive
             # on every rank (the myriad engine turns it off too, so both compute the same).
             module.reuse_cpu_grad_buffers = False
+            if expert_mesh is not None:
+                for part in (module.router, module.shared):
+                    if part is not None:
+                        shard(part, mesh=mesh)
+                shard(module, mesh=expert_mesh)  # what is left: the expert weights
     for block in model.blocks:
-        fully_shard(
-            block,
-            mesh=mesh,
-            reshard_after_forward=reshard_after_forward,
-            mp_policy=mp_policy,
-            offload_policy=policy,
-        )
+        shard(block, mesh=mesh)
     # The root's parameters (embedding = LM head, final norm) are needed first in forward and
     # last in backward: keeping them gathered after forward saves one all-gather.
     fully_shard(
@@ -107,8 +121,30 @@ def apply_fsdp2(
 
 def clip_grad_norm_(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """Clip the global gradient norm of sharded parameters; returns the norm as a plain tensor."""
-    norm = nn.utils.clip_grad_norm_(parameters, max_norm)
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if len({g.device_mesh for g in grads if isinstance(g, DTensor)}) <= 1:
+        norm = nn.utils.clip_grad_norm_(parameters, max_norm)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    if len(sharded) < len(grads):
+        raise RuntimeError("clip_grad_norm_ over several meshes needs every gradient sharded")
+    return _clip_over_meshes(sharded, max_norm)
+
+
+def _clip_over_meshes(grads: list[DTensor], max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` for gradients on several meshes (experts on their own): DTensor
+    cannot combine their norms, but each gradient's local shards tile it exactly once over the
+    world, so the squares of every rank's shards, summed over the world, give the norm."""
+    device = torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")
+    with torch.no_grad():
+        squares = [torch.linalg.vector_norm(g.to_local(), dtype=torch.float32) ** 2 for g in grads]
+        total = torch.stack([s.to(device) for s in squares]).sum()
+        dist.all_reduce(total)
+        norm = total.sqrt()
+        coef = float((max_norm / (norm + 1e-6)).clamp(max=1.0))
+        for g in grads:
+            g.mul_(coef)
+    return norm.cpu()
 
 
 def all_reduce_expert_loads(loads_E: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -128,26 +164,54 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}
 
 
-def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+def save_sharded(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    directory: Path,
+    experts: FSDP2Experts | None = None,
+) -> None:
     """This rank's shards of the parameters and of the optimizer state into ``directory/dcp``
-    (``torch.distributed.checkpoint``: readable by any number of ranks). A collective."""
+    (``torch.distributed.checkpoint``: readable by any number of ranks). A collective.
+    ``experts``: expert-parallel weights, written as parts of their whole tensors."""
     shards = _shards(model)  # first: it reshards, so the parameters are the optimizer's again
     osd = get_optimizer_state_dict(model, optimizer)
-    dcp.save({"model": shards, "optim": osd}, checkpoint_id=str(directory / DCP_DIR))
+    state = _global_views({"model": shards, "optim": osd}, experts)
+    dcp.save(state, checkpoint_id=str(directory / DCP_DIR))
 
 
-def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+def load_sharded(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    directory: Path,
+    experts: FSDP2Experts | None = None,
+) -> None:
     """Fill this rank's parameter and optimizer shards from ``directory/dcp``, whatever number
-    of ranks wrote it (a collective)."""
+    of ranks (and expert-parallel size) wrote it (a collective)."""
     shards = _shards(model)
     osd = get_optimizer_state_dict(model, optimizer)  # allocates the moments to load into
+    state = _global_views({"model": shards, "optim": osd}, experts)  # share osd's storage
     try:
-        dcp.load({"model": shards, "optim": osd}, checkpoint_id=str(directory / DCP_DIR))
+        dcp.load(state, checkpoint_id=str(directory / DCP_DIR))
     except (RuntimeError, CheckpointException) as exc:  # a damaged or missing shard file
         cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         where = directory / DCP_DIR
         raise UserError(f"cannot read the checkpoint files in {where}: {cause}") from None
     set_optimizer_state_dict(model, optimizer, osd)
+
+
+def _global_views(state: dict, experts: FSDP2Experts | None) -> dict:
+    """``{"model": shards, "optim": osd}`` with expert tensors as views of their whole ones."""
+    if experts is None:
+        return state
+    shards, osd = state["model"], state["optim"]
+    moments = {
+        name: {key: experts.global_view(name, v) for key, v in values.items()}
+        for name, values in osd["state"].items()
+    }
+    return {
+        "model": {name: experts.global_view(name, t) for name, t in shards.items()},
+        "optim": {**osd, "state": moments},
+    }
 
 
 def _shards(model: nn.Module) -> dict[str, torch.Tensor]:

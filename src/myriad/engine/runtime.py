@@ -119,33 +119,40 @@ def wrap(
 
 
 def _wrap_fsdp2(runtime: Runtime, model: nn.Module, train: TrainConfig):
-    from myriad.engine import fsdp2
+    from myriad.engine import fsdp2, fsdp2_experts
     from myriad.train.optim import build_optimizer
 
     if not dist.is_initialized():  # one process: FSDP2 still needs a (1-rank) group
         raise UserError("engine.kind=fsdp2 needs torchrun (or a process group), even for 1 rank")
     from myriad.engine.precision import fsdp2_dtypes
 
+    cfg = runtime.cfg
+    experts = None
+    if cfg.expert_parallel:
+        experts = fsdp2_experts.split(model, runtime.comm, cfg.expert_parallel_size)
     mesh = fsdp2.build_mesh()
-    param_dtype, reduce_dtype = fsdp2_dtypes(runtime.cfg.param_dtype, runtime.cfg.reduce_dtype)
+    param_dtype, reduce_dtype = fsdp2_dtypes(cfg.param_dtype, cfg.reduce_dtype)
     fsdp2.apply_fsdp2(
         model,  # type: ignore[arg-type]
         mesh,
-        cpu_offload=runtime.cfg.cpu_offload,
+        cpu_offload=cfg.cpu_offload,
         param_dtype=param_dtype,
         reduce_dtype=reduce_dtype,
+        expert_mesh=experts.edp_mesh if experts is not None else None,
     )
-    install_dtensor_state_dict_hooks(model)
-    opt_device = torch.device("cpu") if runtime.cfg.cpu_offload else runtime.device
-    return build_optimizer(model, train, opt_device), FSDP2Sync(runtime.comm, model)
+    install_dtensor_state_dict_hooks(model, experts)
+    opt_device = torch.device("cpu") if cfg.cpu_offload else runtime.device
+    return build_optimizer(model, train, opt_device), FSDP2Sync(runtime.comm, model, experts)
 
 
 class FSDP2Sync:
-    """``GradSync`` for FSDP2: its hooks reduce gradients; the norm is a DTensor's."""
+    """``GradSync`` for FSDP2: its hooks reduce gradients; the norm is a DTensor's. ``experts``:
+    the expert-parallel layout, which checkpoints and ``state_dict`` need."""
 
-    def __init__(self, comm: Comm, model: nn.Module) -> None:
+    def __init__(self, comm: Comm, model: nn.Module, experts: Any = None) -> None:
         self.comm, self.world = comm, comm.world
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.experts = experts
 
     def finish_backward(self) -> None:
         pass
@@ -257,12 +264,12 @@ def checkpoint_parts(
     if isinstance(sync, FSDP2Sync):
 
         def write_dcp(directory: Path) -> None:
-            fsdp2.save_sharded(model, optimizer, directory)
+            fsdp2.save_sharded(model, optimizer, directory, sync.experts)
 
         def holds_dcp(directory: Path) -> bool:
             return (directory / DCP_DIR).is_dir()
 
-        read = partial(fsdp2.load_sharded, model, optimizer)
+        read = partial(fsdp2.load_sharded, model, optimizer, experts=sync.experts)
         flags = torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")
         return CheckpointParts(sync.comm, flags, write_dcp, read, holds_dcp)
     return None
@@ -281,13 +288,15 @@ def buffers_only_state_dict(engine: Any) -> Iterator[None]:
         engine.gather_state_dict = True
 
 
-def install_dtensor_state_dict_hooks(model: nn.Module) -> None:
+def install_dtensor_state_dict_hooks(model: nn.Module, experts: Any = None) -> None:
     """FSDP2: ``state_dict`` gives whole tensors (``full_tensor``, a collective) and
     ``load_state_dict`` takes them (each rank keeps its shard), so the trainer's checkpoints are
-    the same consolidated files as without an engine."""
+    the same consolidated files as without an engine. ``experts`` (``fsdp2_experts``): expert
+    weights are gathered from, and cut to, this rank's expert-parallel rows as well."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     params = dict(model.named_parameters(remove_duplicate=False))
+    expert_rows = experts.rows if experts is not None else {}
 
     def after_state_dict(module, state_dict, prefix, local_metadata):  # noqa: ARG001
         done: dict[int, torch.Tensor] = {}
@@ -295,7 +304,8 @@ def install_dtensor_state_dict_hooks(model: nn.Module) -> None:
             key = prefix + name
             if isinstance(p, DTensor) and key in state_dict:
                 if id(p) not in done:
-                    done[id(p)] = p.full_tensor().detach().cpu()
+                    whole = experts.whole(name, p) if name in expert_rows else p.full_tensor()
+                    done[id(p)] = whole.detach().cpu()
                 state_dict[key] = done[id(p)]
 
     def before_load(module, state_dict, prefix, *args):  # noqa: ARG001
@@ -303,6 +313,9 @@ def install_dtensor_state_dict_hooks(model: nn.Module) -> None:
             key = prefix + name
             value = state_dict.get(key)
             if isinstance(p, DTensor) and value is not None and not isinstance(value, DTensor):
+                if name in expert_rows:
+                    state_dict[key] = experts.local(name, value, p)
+                    continue
                 full = value.to(p.device_mesh.device_type, p.dtype)
                 state_dict[key] = distribute_tensor(full, p.device_mesh, p.placements)
 

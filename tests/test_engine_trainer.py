@@ -205,18 +205,9 @@ def _resume_on(rank: int, world: int, port: int, out: str, steps: int, kind: str
 def test_fsdp2_resumes_on_another_number_of_ranks(tmp_path):
     """2 fsdp2 ranks to step 3, then 1 rank to step 6 (``torch.distributed.checkpoint`` reshards
     parameters and Adam moments) = one process taking 2, then 1, micro-batches per step."""
-    from test_engine_support import pretrain_reference, rewind, spawn
+    from test_engine_support import spawn
 
-    spawn(_pretrain_rank, 2, str(tmp_path), "fsdp2")
-    run = rewind(tmp_path / "run", "step-000003")
-    spawn(_resume_on, 1, str(run), 6)
-    assert not (run / "error-rank0.txt").exists()
-    model, ref = pretrain_reference(_config(), (2, 2, 2, 1, 1, 1))
-    assert _losses(run / "metrics.jsonl") == pytest.approx(ref, rel=1e-5)
-    loaded, _ = load_model_from_checkpoint(run)
-    for name, value in model.state_dict().items():
-        torch.testing.assert_close(loaded.state_dict()[name], value, rtol=1e-4, atol=1e-6)
-
+    run = _check_resume_elsewhere(tmp_path, ("fsdp2", 2), ("fsdp2", 1))
     dcp_dir = run / "checkpoints" / "step-000006" / "dcp"
     shard = next(dcp_dir.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])  # a damaged shard file: a one-line error
@@ -236,14 +227,22 @@ def test_fsdp2_expert_parallel_resumes_with_another_layout(tmp_path):
     to step 3, then 2 ranks with EP over both (EDP of 1) to step 6: the same losses and weights
     as one process taking 4, then 2, micro-batches per step (each expert written once, as part
     of its whole tensor, and resharded on reading)."""
+    _check_resume_elsewhere(tmp_path, ("fsdp2-ep2", 4), ("fsdp2-ep", 2))
+
+
+def _check_resume_elsewhere(tmp_path, first: tuple[str, int], then: tuple[str, int]):
+    """(kind, ranks) ``first`` to step 3, resumed as ``then`` to step 6: losses and weights =
+    one process taking the ranks' batches as micro-batches. Returns the run directory."""
     from test_engine_support import pretrain_reference, rewind, spawn
 
-    spawn(_pretrain_rank, 4, str(tmp_path), "fsdp2-ep2")
+    (kind, world), (resume_kind, resume_world) = first, then
+    spawn(_pretrain_rank, world, str(tmp_path), kind)
     run = rewind(tmp_path / "run", "step-000003")
-    spawn(_resume_on, 2, str(run), 6, "fsdp2-ep")
+    spawn(_resume_on, resume_world, str(run), 6, resume_kind)
     assert not (run / "error-rank0.txt").exists()
-    model, ref = pretrain_reference(_config(), (4, 4, 4, 2, 2, 2))
+    model, ref = pretrain_reference(_config(), (world,) * 3 + (resume_world,) * 3)
     assert _losses(run / "metrics.jsonl") == pytest.approx(ref, rel=1e-5)
     loaded, _ = load_model_from_checkpoint(run)
     for name, value in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], value, rtol=1e-4, atol=1e-6)
+    return run

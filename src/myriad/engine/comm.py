@@ -129,6 +129,11 @@ def init_distributed(backend: str = "auto", timeout_s: float = 300.0) -> Comm:
     return Comm(dist.get_rank(), dist.get_world_size(), None, timeout_s)
 
 
+def collective_device_type() -> str:
+    """Where the default group's collectives take tensors: CUDA for NCCL, else the CPU."""
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
+
+
 def local_device(comm: Comm, device: torch.device) -> torch.device:
     """On CUDA each rank takes GPU ``LOCAL_RANK`` (torchrun sets it)."""
     if device.type == "cuda" and comm.active:

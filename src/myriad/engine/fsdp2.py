@@ -44,6 +44,7 @@ from torch.distributed.fsdp import (
 )
 from torch.distributed.tensor import DTensor
 
+from myriad.engine.comm import collective_device_type
 from myriad.engine.dcp_weights import DCP_DIR
 from myriad.engine.fsdp2_experts import FSDP2Experts
 from myriad.errors import UserError
@@ -58,7 +59,7 @@ def build_mesh() -> DeviceMesh:
     """
     if not dist.is_initialized():
         raise RuntimeError("build_mesh needs torch.distributed.init_process_group() first")
-    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    device_type = collective_device_type()
     return init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=("dp",))
 
 
@@ -135,7 +136,7 @@ def _clip_over_meshes(grads: list[DTensor], max_norm: float) -> torch.Tensor:
     """``clip_grad_norm_`` for gradients on several meshes (experts on their own): DTensor
     cannot combine their norms, but each gradient's local shards tile it exactly once over the
     world, so the squares of every rank's shards, summed over the world, give the norm."""
-    device = torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")
+    device = torch.device(collective_device_type())
     with torch.no_grad():
         squares = [torch.linalg.vector_norm(g.to_local(), dtype=torch.float32) ** 2 for g in grads]
         total = torch.stack([s.to(device) for s in squares]).sum()

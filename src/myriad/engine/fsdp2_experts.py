@@ -25,12 +25,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from myriad.engine.comm import Comm
+from myriad.engine.comm import Comm, collective_device_type
 from myriad.engine.expert import expert_parallel_size, keep_local_experts, moe_layers
 
 
@@ -84,7 +83,7 @@ def split(model: nn.Module, comm: Comm, size: int) -> FSDP2Experts | None:
     k = expert_parallel_size(layers, comm.world, size)
     if k == 1:
         return None
-    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    device_type = collective_device_type()
     grid = torch.arange(comm.world).view(comm.world // k, k).t()
     mesh = DeviceMesh(device_type, grid, mesh_dim_names=("ep", "edp"))
     ep_mesh = mesh["ep"]

@@ -21,16 +21,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from myriad.engine.comm import Comm, init_distributed, local_device
+from myriad.engine.comm import Comm, collective_device_type, init_distributed, local_device
 from myriad.engine.config import EngineConfig
 from myriad.errors import UserError
 from myriad.train.config import TrainConfig
+
+if TYPE_CHECKING:  # imported when used: torch.distributed.fsdp is slow to import
+    from myriad.engine.fsdp2_experts import FSDP2Experts
 
 T = TypeVar("T")
 
@@ -149,7 +152,7 @@ class FSDP2Sync:
     """``GradSync`` for FSDP2: its hooks reduce gradients; the norm is a DTensor's. ``experts``:
     the expert-parallel layout, which checkpoints and ``state_dict`` need."""
 
-    def __init__(self, comm: Comm, model: nn.Module, experts: Any = None) -> None:
+    def __init__(self, comm: Comm, model: nn.Module, experts: FSDP2Experts | None = None) -> None:
         self.comm, self.world = comm, comm.world
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.experts = experts
@@ -270,7 +273,7 @@ def checkpoint_parts(
             return (directory / DCP_DIR).is_dir()
 
         read = partial(fsdp2.load_sharded, model, optimizer, experts=sync.experts)
-        flags = torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")
+        flags = torch.device(collective_device_type())
         return CheckpointParts(sync.comm, flags, write_dcp, read, holds_dcp)
     return None
 
@@ -288,7 +291,7 @@ def buffers_only_state_dict(engine: Any) -> Iterator[None]:
         engine.gather_state_dict = True
 
 
-def install_dtensor_state_dict_hooks(model: nn.Module, experts: Any = None) -> None:
+def install_dtensor_state_dict_hooks(model: nn.Module, experts: FSDP2Experts | None = None) -> None:
     """FSDP2: ``state_dict`` gives whole tensors (``full_tensor``, a collective) and
     ``load_state_dict`` takes them (each rank keeps its shard), so the trainer's checkpoints are
     the same consolidated files as without an engine. ``experts`` (``fsdp2_experts``): expert
@@ -296,7 +299,6 @@ def install_dtensor_state_dict_hooks(model: nn.Module, experts: Any = None) -> N
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     params = dict(model.named_parameters(remove_duplicate=False))
-    expert_rows = experts.rows if experts is not None else {}
 
     def after_state_dict(module, state_dict, prefix, local_metadata):  # noqa: ARG001
         done: dict[int, torch.Tensor] = {}
@@ -304,8 +306,10 @@ def install_dtensor_state_dict_hooks(model: nn.Module, experts: Any = None) -> N
             key = prefix + name
             if isinstance(p, DTensor) and key in state_dict:
                 if id(p) not in done:
-                    whole = experts.whole(name, p) if name in expert_rows else p.full_tensor()
-                    done[id(p)] = whole.detach().cpu()
+                    if experts is not None and name in experts.rows:
+                        done[id(p)] = experts.whole(name, p).cpu()
+                    else:
+                        done[id(p)] = p.full_tensor().detach().cpu()
                 state_dict[key] = done[id(p)]
 
     def before_load(module, state_dict, prefix, *args):  # noqa: ARG001
@@ -313,7 +317,7 @@ def install_dtensor_state_dict_hooks(model: nn.Module, experts: Any = None) -> N
             key = prefix + name
             value = state_dict.get(key)
             if isinstance(p, DTensor) and value is not None and not isinstance(value, DTensor):
-                if name in expert_rows:
+                if experts is not None and name in experts.rows:
                     state_dict[key] = experts.local(name, value, p)
                     continue
                 full = value.to(p.device_mesh.device_type, p.dtype)

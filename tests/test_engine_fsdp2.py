@@ -19,7 +19,7 @@ from myriad.model.config import ModelConfig, MoEConfig
 from myriad.train.step import accumulate_gradients
 
 WORLD, STEPS, MAX_NORM = 2, 4, 0.5
-MODES = ("sharded", "cpu-offload", "expert-parallel")
+MODES = ("sharded", "cpu-offload", "expert-parallel", "expert-parallel+cpu-offload")
 
 
 def config() -> ModelConfig:
@@ -62,7 +62,7 @@ def _no_autocast():
 
 
 def worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    """Train ``STEPS`` steps sharded, then again with CPU offload; rank 0 saves both."""
+    """Train ``STEPS`` steps in every mode of ``MODES``; rank 0 saves the results."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -89,11 +89,11 @@ def train_sharded(rank: int, mode: str) -> dict:
     torch.manual_seed(0)  # every rank builds the same initial weights, as the trainer does
     model = MoETransformerLM(config())
     experts = None
-    if mode == "expert-parallel":
+    if mode.startswith("expert-parallel"):
         experts = fsdp2_experts.split(model, Comm(rank, WORLD), 0)
         assert experts is not None and len(experts.rows) == 2  # 1 MoE layer x 2 weights
     expert_mesh = experts.edp_mesh if experts else None
-    cpu_offload = mode == "cpu-offload"
+    cpu_offload = mode.endswith("cpu-offload")
     model = apply_fsdp2(model, build_mesh(), cpu_offload=cpu_offload, expert_mesh=expert_mesh)
     if experts is not None:
         local = dict(model.named_parameters())[next(iter(experts.rows))]
@@ -119,7 +119,7 @@ def train_sharded(rank: int, mode: str) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The single-process reference, and both FSDP2 modes from one spawn of 2 gloo ranks."""
+    """The single-process reference, and every FSDP2 mode from one spawn of 2 gloo ranks."""
     out_dir = tmp_path_factory.mktemp("fsdp2")
     spawn(worker, WORLD, str(out_dir))
     return reference(), torch.load(out_dir / "r0.pt")

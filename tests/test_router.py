@@ -66,6 +66,21 @@ def test_z_loss_matches_hand_formula():
     assert router(x).z_loss.item() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("bias_update_rate", [0.0, 0.01])  # top-k ids, or its own argmax
+def test_z_loss_and_its_gradient_match_logsumexp_even_for_peaked_logits(bias_update_rate):
+    router = make_router(bias_update_rate=bias_update_rate)
+    with torch.no_grad():
+        router.weight.mul_(40.0)  # logits in the tens: most probabilities underflow to ~0
+        router.selection_bias_E[2] = 5.0  # with the bias on, selection differs from the argmax
+    x = torch.randn(12, 16)
+    router(x).z_loss.backward()
+    weight = router.weight.detach().double().requires_grad_()
+    expected = torch.logsumexp(x.double() @ weight.T, dim=-1).pow(2).mean()
+    expected.backward()
+    assert router(x).z_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(router.weight.grad.double(), weight.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_losses_have_gradients_to_the_router():
     router = make_router()
     out = router(torch.randn(12, 16))

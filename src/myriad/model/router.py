@@ -62,7 +62,9 @@ class TopKRouter(nn.Module):
         counts_E.scatter_add_(0, ids_A, torch.ones_like(ids_A))
         fraction_E = counts_E.float() / max(num_tokens * self.top_k, 1)
         load_balance_loss = self.num_experts * (fraction_E * probs_TE.mean(dim=0)).sum()
-        z_loss = torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
+        # With the bias, the first pick need not be the most probable expert.
+        top_ids_TK = None if self.bias_update_rate > 0 else expert_ids_TK
+        z_loss = _log_partition(logits_TE, probs_TE, top_ids_TK).pow(2).mean()
         return Routing(weights_TK, expert_ids_TK, load_balance_loss, z_loss, counts_E)
 
     @torch.no_grad()
@@ -72,6 +74,18 @@ class TopKRouter(nn.Module):
             return
         load_E = tokens_per_expert_E.float().to(self.selection_bias_E.device)
         self.selection_bias_E += self.bias_update_rate * torch.sign(load_E.mean() - load_E)
+
+
+def _log_partition(
+    logits_TE: torch.Tensor, probs_TE: torch.Tensor, top_ids_TK: torch.Tensor | None
+) -> torch.Tensor:
+    """``logsumexp(logits)`` per token, read off the softmax instead of a second exp pass.
+
+    For any expert j, log Z = logit_j - log p_j; at the most probable expert p_j >= 1/E, so the
+    log is well conditioned. ``top_ids_TK`` (sorted top-k of the probabilities) saves the argmax.
+    """
+    top_T1 = probs_TE.argmax(-1, keepdim=True) if top_ids_TK is None else top_ids_TK[:, :1]
+    return (logits_TE.gather(1, top_T1) - probs_TE.gather(1, top_T1).log()).squeeze(1)
 
 
 def balanced_assignment(counts_V: torch.Tensor, num_experts: int, top_k: int) -> torch.Tensor:

@@ -449,16 +449,21 @@ def plan_dispatch(
 
 
 class _Dispatch(torch.autograd.Function):
-    """x_TD -> row buffer: row ``slot[t*K+k]`` gets token t. Backward gathers and sums over k."""
+    """x_TD -> row buffer: row ``slot[t*K+k]`` gets token t. Backward gathers and sums over k.
+
+    Both directions work one k at a time on (T, D) tensors: no (T, K, D) copy of the tokens
+    forward, no (A, D) gather and reduction backward (1.4 -> 1.0 ms and 1.7 -> 0.7 ms at
+    T = 2048, K = 2, D = 256 on the 2-core VM).
+    """
 
     @staticmethod
     def forward(ctx, x_TD, plan: DispatchPlan):
         T, D = x_TD.shape
-        A, R = plan.slot_A.numel(), plan.num_rows
+        R = plan.num_rows
         alloc = torch.zeros if plan.zero_fill else torch.empty
         buf_RD = alloc(R + 1, D, dtype=x_TD.dtype, device=x_TD.device)  # + the trash row
-        src_AD = x_TD if A == T else x_TD.unsqueeze(1).expand(T, A // T, D).reshape(A, D)
-        buf_RD.index_copy_(0, plan.slot_A, src_AD)
+        for slot_T in plan.slot_A.view(T, -1).unbind(1):
+            buf_RD.index_copy_(0, slot_T, x_TD)
         ctx.plan, ctx.num_tokens = plan, T
         return buf_RD[:R]
 
@@ -466,8 +471,14 @@ class _Dispatch(torch.autograd.Function):
     def backward(ctx, d_rows):
         plan: DispatchPlan = ctx.plan
         T = ctx.num_tokens
-        dx_AD = _gather_rows(d_rows, plan)
-        return dx_AD.view(T, -1, dx_AD.shape[-1]).sum(1), None
+        slots_TK = plan.slot_A.view(T, -1)
+        keep_TK = None if plan.keep_A is None else plan.keep_A.view(T, -1)
+        dx_TD = None
+        for k in range(slots_TK.shape[1]):
+            keep_T = None if keep_TK is None else keep_TK[:, k]
+            rows_TD = _gather_rows(d_rows, slots_TK[:, k], keep_T)
+            dx_TD = rows_TD if dx_TD is None else dx_TD.add_(rows_TD)
+        return dx_TD, None
 
 
 class _Combine(torch.autograd.Function):
@@ -481,7 +492,7 @@ class _Combine(torch.autograd.Function):
     def forward(ctx, y_RD, weights_TK, plan: DispatchPlan):
         w_TK = _kept_weights(weights_TK, plan).to(y_RD.dtype)
         T, K = w_TK.shape
-        y_TKD = _gather_rows(y_RD, plan).view(T, K, -1)
+        y_TKD = _gather_rows(y_RD, plan.slot_A, plan.keep_A).view(T, K, -1)
         y_TD = y_TKD[:, 0] * w_TK[:, :1]
         for k in range(1, K):  # one pass per k instead of a weighted (T, K, D) copy and a sum
             y_TD.addcmul_(y_TKD[:, k], w_TK[:, k : k + 1])
@@ -516,14 +527,16 @@ def _kept_weights(weights_TK: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     return weights_TK * plan.keep_A.view(weights_TK.shape)
 
 
-def _gather_rows(rows_RD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+def _gather_rows(
+    rows_RD: torch.Tensor, slot_A: torch.Tensor, keep_A: torch.Tensor | None
+) -> torch.Tensor:
     """Row ``slot[a]`` for every assignment a; dropped ones (trash slot) read as zeros."""
-    if plan.keep_A is None:
-        return rows_RD.index_select(0, plan.slot_A)
-    if plan.num_rows == 0:
-        return rows_RD.new_zeros(plan.slot_A.numel(), rows_RD.shape[-1])
-    out_AD = rows_RD.index_select(0, plan.slot_A.clamp(max=plan.num_rows - 1))
-    return out_AD * plan.keep_A.unsqueeze(-1).to(out_AD.dtype)
+    if keep_A is None:
+        return rows_RD.index_select(0, slot_A)
+    if rows_RD.shape[0] == 0:
+        return rows_RD.new_zeros(slot_A.numel(), rows_RD.shape[-1])
+    out_AD = rows_RD.index_select(0, slot_A.clamp(max=rows_RD.shape[0] - 1))
+    return out_AD * keep_A.unsqueeze(-1).to(out_AD.dtype)
 
 
 def dispatch(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:

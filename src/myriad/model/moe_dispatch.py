@@ -494,8 +494,8 @@ class _Combine(torch.autograd.Function):
         T, K = w_TK.shape
         y_TKD = _gather_rows(y_RD, plan.slot_A, plan.keep_A).view(T, K, -1)
         y_TD = y_TKD[:, 0] * w_TK[:, :1]
-        for k in range(1, K):  # one pass per k instead of a weighted (T, K, D) copy and a sum
-            y_TD.addcmul_(y_TKD[:, k], w_TK[:, k : k + 1])
+        for k in range(1, K):  # per k: no weighted (T, K, D) copy to sum
+            y_TD += y_TKD[:, k] * w_TK[:, k : k + 1]
         ctx.save_for_backward(y_TKD, w_TK)
         ctx.plan, ctx.num_rows, ctx.weights_dtype = plan, y_RD.shape[0], weights_TK.dtype
         return y_TD

@@ -484,8 +484,8 @@ class _Dispatch(torch.autograd.Function):
 class _Combine(torch.autograd.Function):
     """Row buffer -> y_TD = sum_k w[t,k] * row(slot[t*K+k]); dropped assignments add nothing.
 
-    It saves the gathered rows (A, D) rather than the row buffer (R >= A rows), so the backward
-    does not gather them again.
+    It saves the gathered rows (A, D) rather than the row buffer, so the backward does not
+    gather them again.
     """
 
     @staticmethod

@@ -47,6 +47,12 @@ def test_unknown_recipe(capsys):
     assert_one_line_error(code, err, "unknown recipe 'huge'")
 
 
+def test_info_on_a_missing_path_names_it(capsys, tmp_path):
+    missing = tmp_path / "runs" / "typo"
+    code, _, err = run_cli(capsys, "info", str(missing))
+    assert_one_line_error(code, err, f"no such checkpoint or recipe file: {missing}")
+
+
 def test_missing_data_path_writes_nothing(capsys, tmp_path):
     out = tmp_path / "run"
     missing = tmp_path / "no-such-corpus.txt"

@@ -136,6 +136,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
         print(describe(read_checkpoint_info(target)))
         return 0
+    if "/" in args.target and not target.exists():  # a path, not a recipe name
+        raise UserError(f"no such checkpoint or recipe file: {target}")
     cfg = load_recipe(args.target, args.overrides)
     print(describe({"config": to_dict(cfg)}))
     return 0

@@ -86,3 +86,38 @@ def test_tight_budget_sends_the_payload_in_use_home():
     _, engine = _one_process(0.2)
     report = engine.report()
     assert report["in_use_evictions"] > 0 and report["peak_device_bytes"] <= report["budget_bytes"]
+
+
+def test_a_device_index_does_not_book_resident_shards_as_staged():
+    """A one-GPU engine runs on "cuda" while its payloads report "cuda:0"; here "cpu:0" against
+    "cpu". With every payload resident, no gather may book staging bytes."""
+    import torch
+    from test_engine_support import batches, build_model, make_step
+
+    from myriad.engine.comm import Comm
+    from myriad.engine.config import EngineConfig
+    from myriad.engine.engine import apply
+
+    cfg = run_config()
+    model = build_model(cfg)
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    engine = apply(
+        model,
+        EngineConfig(kind="myriad", chunk_mb=CHUNK_MB, device_budget_mb=64),
+        comm=Comm(),
+        device=torch.device("cpu", 0),
+        run_forward=lambda: model(ids),
+    )
+    booked = []  # the staging and cast bytes each gather accounts
+    start = engine.store.gatherer.start
+
+    def recording_start(comm, full_C, shard_S, nbytes, ahead):
+        booked.append(nbytes)
+        return start(comm, full_C, shard_S, nbytes, ahead)
+
+    engine.store.gatherer.start = recording_start
+    step_fn = make_step(model, cfg, engine)
+    losses = [step_fn(batches(s, 1)).loss for s in range(2)]
+    assert engine.report()["evictions"] == 0 and len(booked) > 0
+    assert set(booked) == {0}
+    assert losses == pytest.approx(reference_losses(cfg, world=1, steps=2), rel=1e-5)

@@ -202,7 +202,9 @@ class ChunkStore:
         assert source is not None
         self.counts["gathers_from_grad"] += chunk.params_in_grad
         shard_S = source.data
-        staged = shard_S.device != self.device  # a host payload, staged on the device (counted)
+        # A host payload, staged on the device (counted). Types, not devices: a one-GPU engine's
+        # device is "cuda" while its payloads sit on "cuda:0".
+        staged = shard_S.device.type != self.device.type
         cast = self.precision.param != shard_S.dtype  # all-gather the shard cast to param dtype
         cast_bytes = chunk.shard_numel * self.precision.param_size
         nbytes = chunk.shard_numel * shard_S.element_size() * staged + cast_bytes * cast
@@ -325,12 +327,12 @@ class ChunkStore:
                 self.reduce(chunk)
             self.release(chunk)
         self.order.restart()
+        if self.manager is not None:  # the clip and the optimizer read every payload next;
+            self.manager.settle()  # and a load still landing must not undo the zeroing below
         for chunk in self.chunks:  # no gradient this step: its parameters must not pass for one
             if chunk.params_in_grad:
                 self.forget_params(chunk)
         self.grad_writer.wait_all()
-        if self.manager is not None:  # the clip and the optimizer read every payload next
-            self.manager.settle()
 
 
 def _free(t: torch.Tensor) -> None:

@@ -248,7 +248,10 @@ class Engine:
                     h.copy_(t.data)  # blocking: the CPU optimizer may read it next
                     t.data = h
         if "step" in state:
-            state["step"] = state["step"].to(self.device if to_device else "cpu")
+            step = state["step"]
+            if to_device and self.device.type == "cuda" and not step.is_cuda:
+                step = step.pin_memory()  # a pageable copy would wait for the queued upload
+            state["step"] = step.to(self.device if to_device else "cpu", non_blocking=to_device)
 
 
 def _ordered_params(model: nn.Module, order: list[nn.Module]) -> list[tuple[str, nn.Parameter]]:

@@ -99,6 +99,10 @@ class Gatherer:
             if stream is not None:
                 event = torch.cuda.Event()
                 event.record(stream)
+                # The shard's memory may belong to the prefetch stream's pool: an eviction
+                # there must not reuse it before this stream's gather has read it.
+                if shard_S.is_cuda:
+                    shard_S.record_stream(stream)
         # An eviction may repoint the payload while the gather still reads it: keep its storage.
         keep = (shard_S, src) if wait is not None or event is not None else ()
         return Started(nbytes, wait, event, self.device, keep)

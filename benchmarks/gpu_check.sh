@@ -21,6 +21,7 @@ timeout 120 python3 -m pytest -q -p no:cacheprovider "$tests/test_gpu.py" 2>&1 |
 run_pretrain() {  # name, timeout, args...
   local name=$1 limit=$2; shift 2
   local start=$SECONDS
+  rm -rf "/tmp/gpu-$name"  # a rerun on a warm machine: pretrain refuses a folder holding a run
   timeout "$limit" python3 -m myriad pretrain --out "/tmp/gpu-$name" "$@" \
     > "$out/pretrain_$name.txt" 2>&1
   echo "pretrain $name rc=$? wall $((SECONDS - start)) s"; tail -14 "$out/pretrain_$name.txt"

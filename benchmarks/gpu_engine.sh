@@ -42,6 +42,7 @@ run_limited() {  # limit, name, command...: skipped when the deadline is too nea
 mode() {  # model, limit, mode (EXTRA: more benchmark flags, TAG: the row's label)
   local model=$1 limit=$2 name=$3
   local json=/tmp/rows/$model-${TAG:-}$name.json
+  rm -f "$json"  # a rerun on a warm machine must not report the last run's row
   run_limited "$limit" "$model ${TAG:-}$name" python3 benchmarks/engine.py --gpu \
     --model "$model" --steps "$steps" --budget-gb "$budget" --json "$json" ${EXTRA:-} \
     --modes "$name"

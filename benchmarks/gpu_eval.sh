@@ -12,6 +12,7 @@ mkdir -p "$out"
 source benchmarks/gpu_env.sh
 myriad() { python3 -c 'import sys; from myriad.cli import main; sys.exit(main())' "$@"; }
 work=/tmp/gpu-eval
+rm -rf "$work"  # a rerun on a warm machine must not score an earlier, cut-off run's checkpoints
 start=$SECONDS
 PT="--set train.steps=5000 --set train.checkpoint_every=1000 --set train.eval_every=500"
 # shellcheck disable=SC2086

@@ -109,11 +109,16 @@ def _is_peer_failure(exc: RuntimeError) -> bool:
     return any(sign in text for sign in _PEER_SIGNS)
 
 
+MIXED_NCCL = "cpu:gloo,cuda:nccl"  # CUDA tensors over NCCL, CPU tensors over gloo
+
+
 def init_distributed(backend: str = "auto", timeout_s: float = 300.0) -> Comm:
     """Join the process group ``torchrun`` describes (one of one rank too: FSDP2 needs a group),
     else a 1-process Comm.
 
-    ``backend`` "auto" is NCCL when CUDA is available, else gloo.
+    ``backend`` "auto" is NCCL when CUDA is available, else gloo. NCCL comes with gloo beside it
+    for CPU tensors: FSDP2's CPU offload reduces the gradient norm over CPU shards, which an
+    NCCL-only group refuses once there are two ranks.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ  # torchrun's environment
@@ -121,6 +126,8 @@ def init_distributed(backend: str = "auto", timeout_s: float = 300.0) -> Comm:
         return Comm(timeout_s=timeout_s)
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        backend = MIXED_NCCL
     if not dist.is_initialized():
         try:
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
@@ -130,8 +137,8 @@ def init_distributed(backend: str = "auto", timeout_s: float = 300.0) -> Comm:
 
 
 def collective_device_type() -> str:
-    """Where the default group's collectives take tensors: CUDA for NCCL, else the CPU."""
-    return "cuda" if dist.get_backend() == "nccl" else "cpu"
+    """Where the default group's collectives take tensors: CUDA where NCCL serves, else the CPU."""
+    return "cuda" if "nccl" in str(dist.get_backend()) else "cpu"
 
 
 def local_device(comm: Comm, device: torch.device) -> torch.device:

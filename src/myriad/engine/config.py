@@ -28,7 +28,7 @@ class EngineConfig:
     expert_parallel_size: int = 0  # ranks per expert-parallel group (consecutive); 0 = all ranks
     cpu_offload: bool = False  # fsdp2: CPUOffloadPolicy
     timeout_s: float = 300.0  # a collective waiting longer than this fails with a clear error
-    backend: str = "auto"  # "auto" (nccl on CUDA, gloo on CPU), "gloo" or "nccl"
+    backend: str = "auto"  # "auto" (nccl on CUDA, gloo on CPU), "gloo" or "nccl" (+ gloo for CPU)
     prefetch_mb: float = 256.0  # payload bytes loaded ahead of use after the warm-up; 0 = off
     gather_ahead: int = 1  # chunks whose all-gather starts while the one before computes; 0 = off
     param_dtype: str = "float32"  # gathered parameters and compute: "float32" or "bfloat16"

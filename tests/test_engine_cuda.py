@@ -101,10 +101,8 @@ def test_cuda_offload_prefetch_matches_plain_model_under_budget():
     assert losses == serial
     # the next chunk's gather (host shard staged, then copied) runs on its own stream ahead
     assert report["gather_ahead"] == 1 and report["gathers_ahead"] > 0
-    # Not bit for bit: gathers ahead allocate earlier, so other payloads may be evicted and
-    # stepped by the CPU's AdamW kernel instead of the GPU's.
     on_demand, _ = _losses(dataclasses.replace(cfg, gather_ahead=0))
-    assert losses == pytest.approx(on_demand, rel=1e-6)
+    assert losses == on_demand
     # host gradient shards receive their first gradient by an asynchronous copy, then adds
     assert report["async_grad_copies"] > 0
     # the CUDA default: payloads fixed after the warm-up, the others served from the host (not

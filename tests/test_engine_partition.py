@@ -118,6 +118,5 @@ def test_a_device_index_does_not_book_resident_shards_as_staged():
     engine.store.gatherer.start = recording_start
     step_fn = make_step(model, cfg, engine)
     losses = [step_fn(batches(s, 1)).loss for s in range(2)]
-    assert engine.report()["evictions"] == 0 and len(booked) > 0
-    assert set(booked) == {0}
+    assert engine.report()["evictions"] == 0 and set(booked) == {0}
     assert losses == pytest.approx(reference_losses(cfg, world=1, steps=2), rel=1e-5)

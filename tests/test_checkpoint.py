@@ -8,9 +8,12 @@ import json
 
 import pytest
 import torch
+from test_engine_support import apply_engine, build_model, run_config
 from test_train_support import tiny_config
 
 from myriad.config import to_dict
+from myriad.engine.comm import Comm
+from myriad.engine.shards import save_shards
 from myriad.errors import UserError
 from myriad.model import MoETransformerLM
 from myriad.train import checkpoint
@@ -173,3 +176,23 @@ def test_tied_embeddings_survive_save_and_load(tmp_path, tied):
     with torch.no_grad():  # still tied: one tensor, so an update to one is seen by the other
         loaded.embed.weight[0, 0] += 1.0
     assert torch.equal(loaded.lm_head.weight, loaded.embed.weight) == tied
+
+
+def test_empty_trainer_state_names_the_error(saved):
+    _, _, _, step_dir = saved
+    (step_dir / "trainer_state.pt").write_bytes(b"")
+    with pytest.raises(UserError) as caught:
+        load_state(step_dir)
+    assert str(caught.value).endswith("trainer_state.pt: EOFError")  # not a bare "...: "
+
+
+def test_export_never_replaces_an_existing_path(tmp_path):
+    model = build_model(run_config())
+    save_shards(apply_engine(model, Comm(), chunk_mb=0.05), tmp_path / "shards")
+    taken = tmp_path / "model.safetensors"  # e.g. another run's consolidated weights
+    taken.write_bytes(b"weights of another run")
+    for out in (taken, tmp_path / "shards"):
+        with pytest.raises(UserError, match=f"{out} already exists"):
+            checkpoint.export_weights(tmp_path / "shards", out)
+    assert taken.read_bytes() == b"weights of another run"
+    assert checkpoint.export_weights(tmp_path / "shards", tmp_path / "new.safetensors").is_file()

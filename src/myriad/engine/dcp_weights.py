@@ -55,6 +55,10 @@ class DcpWeights:
             raise UserError(f"cannot read {name} from {self.path}: {cause}") from None
         return holder["model"][name]
 
+    def dtypes(self) -> dict[str, torch.dtype]:
+        return {name: meta.properties.dtype for name, meta in self._meta.items()}
+
     def tensors(self) -> Iterator[torch.Tensor]:
-        """Every tensor, fp32, in the order of :meth:`shapes`."""
-        return (self.tensor(name).float() for name in self._meta)
+        """Every tensor, as stored (fp32 masters; int64 and bool buffers), in the order of
+        :meth:`shapes`."""
+        return (self.tensor(name) for name in self._meta)

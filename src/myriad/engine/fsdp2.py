@@ -177,7 +177,10 @@ def save_sharded(
     shards = _shards(model)  # first: it reshards, so the parameters are the optimizer's again
     osd = get_optimizer_state_dict(model, optimizer)
     state = _global_views({"model": shards, "optim": osd}, experts)
-    dcp.save(state, checkpoint_id=str(directory / DCP_DIR))
+    try:
+        dcp.save(state, checkpoint_id=str(directory / DCP_DIR))
+    except CheckpointException as exc:  # a BaseException, on every rank: its first rank's error
+        raise min(exc.failures.items())[1][0] from None  # an OSError for a full disk, say
 
 
 def load_sharded(

@@ -17,12 +17,12 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from myriad.engine.engine import Engine
@@ -103,6 +103,18 @@ def save_shards(engine: Engine, directory: Path) -> Path:
     return directory / f"{stem}.json"
 
 
+def _read(path: Path, read: Callable[[Path], Any]) -> Any:
+    """``read(path)``; a missing or damaged file is a one-line ``UserError`` naming it."""
+    if not path.is_file():
+        raise UserError(f"engine shard file missing: {path}")
+    try:
+        return read(path)
+    except (OSError, ValueError, SafetensorError) as exc:  # ValueError: bad JSON
+        raise UserError(
+            f"corrupt or truncated shard files in {path.parent}: {path.name}: {exc}"
+        ) from None
+
+
 class ShardReader:
     """Full tensors by parameter name, assembled from every rank's shard files."""
 
@@ -117,7 +129,7 @@ class ShardReader:
             raise UserError(f"{directory}: no complete set of engine shard files")
         self.world = found[0][1]
         self.source = f"{directory} ({self.world} engine shard files)"
-        self.layouts = [json.loads(p.read_text(encoding="utf-8")) for _, _, p in found]
+        self.layouts = [_read(p, lambda p: json.loads(p.read_text("utf-8"))) for _, _, p in found]
         self.files = [p.with_suffix(".safetensors") for _, _, p in found]
         # name -> [(ranks holding the chunk's shards, chunk layout, slot)] in row order: one
         # piece for a whole tensor, one per expert-parallel rank for split expert tensors (each
@@ -134,7 +146,7 @@ class ShardReader:
                     found_rows.setdefault(slot["name"], {}).setdefault(first, (ranks, chunk, slot))
         for name, by_row in found_rows.items():
             self.pieces[name] = [by_row[first] for first in sorted(by_row)]
-        self._handles = [safe_open(str(f), framework="pt") for f in self.files]
+        self._handles = [_read(f, lambda f: safe_open(str(f), framework="pt")) for f in self.files]
 
     def names(self) -> list[str]:
         return list(self.pieces)
@@ -179,10 +191,14 @@ class ShardReader:
         shapes = {name: self.shape(name) for name in self.names()}
         return shapes | {name: list(buf.shape) for name, buf in self.buffers().items()}
 
+    def dtypes(self) -> dict[str, torch.dtype]:
+        """The buffers' dtypes (int64 ids, bool flags among them); the parameters are fp32."""
+        return {name: buf.dtype for name, buf in self.buffers().items()}
+
     def tensors(self) -> Iterator[torch.Tensor]:
-        """Every tensor, fp32, in the order of :meth:`shapes`."""
+        """Every tensor, in the order of :meth:`shapes`: parameters fp32, buffers as stored."""
         params = (self.full(name) for name in self.names())
-        return itertools.chain(params, (buf.float() for buf in self.buffers().values()))
+        return itertools.chain(params, self.buffers().values())
 
     def step(self) -> float:
         for handle in self._handles:

@@ -1,8 +1,9 @@
 """A safetensors file written one tensor at a time, so no process holds all of them at once.
 
 The header (names, shapes, offsets) is computed from the shapes first; then each tensor's bytes
-follow as the caller produces it (gathered from shards, say) and is dropped. fp32 only: what the
-engine's master weights are. The file appears atomically (:func:`write_atomic`: temporary file,
+follow as the caller produces it (gathered from shards, say) and is dropped. fp32 (the engine's
+master weights) unless the caller names another dtype (buffers: int64 ids, bool flags). The file
+appears atomically (:func:`write_atomic`: temporary file,
 fsync, rename, fsync of the directory), which the engine's shard files use too.
 """
 
@@ -18,16 +19,35 @@ import torch
 
 from myriad.errors import UserError
 
+_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
 
 def write_streamed(
-    out: Path, shapes: dict[str, list[int]], tensors: Iterable[torch.Tensor]
+    out: Path,
+    shapes: dict[str, list[int]],
+    tensors: Iterable[torch.Tensor],
+    dtypes: dict[str, torch.dtype] | None = None,
 ) -> Path:
-    """Write ``tensors`` (fp32, in the order and shapes of ``shapes``) as the file ``out``."""
+    """Write ``tensors`` (in the order and shapes of ``shapes``; fp32 unless ``dtypes`` names
+    another) as the file ``out``."""
+    want = {name: (dtypes or {}).get(name, torch.float32) for name in shapes}
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, shape in shapes.items():
-        nbytes = math.prod(shape) * 4
-        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        nbytes = math.prod(shape) * want[name].itemsize
+        header[name] = {
+            "dtype": _DTYPES[want[name]],
+            "shape": shape,
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
@@ -38,12 +58,13 @@ def write_streamed(
             f.write(len(head).to_bytes(8, "little"))
             f.write(head)
             for (name, shape), tensor in zip(shapes.items(), tensors, strict=True):
-                if tensor.dtype != torch.float32 or list(tensor.shape) != shape:
+                if tensor.dtype != want[name] or list(tensor.shape) != shape:
                     raise UserError(
                         f"{out}: {name} is {tensor.dtype} {list(tensor.shape)}, "
-                        f"expected fp32 {shape}"
+                        f"expected {want[name]} {shape}"
                     )
-                f.write(tensor.detach().cpu().contiguous().numpy().tobytes())
+                raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                f.write(raw.numpy().tobytes())
 
     write_atomic(out, write)
     return out

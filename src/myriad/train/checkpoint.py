@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -73,7 +73,21 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def _write_state(path: Path, state: dict[str, Any]) -> None:
-    torch.save(state, path)
+    """Through a Python file, so that a failed write (a full disk) keeps its ``OSError``: the
+    context of torch's ``RuntimeError`` (writing to a path, torch's C++ writer loses it)."""
+    with path.open("wb") as f:
+        torch.save(state, f)
+
+
+def write_failure(exc: Exception) -> Exception | None:
+    """The I/O error behind a failed checkpoint write (a full disk, say), else None (a bug, not
+    to be relabelled): an ``OSError``, safetensors' own error for one ("I/O error: ..."), or
+    ``torch.save``'s ``RuntimeError`` raised while handling one."""
+    if isinstance(exc, (OSError, SafetensorError)):
+        return exc
+    if isinstance(exc, RuntimeError) and isinstance(exc.__context__, OSError):
+        return exc.__context__
+    return None
 
 
 def remove_stale_temps(root: Path) -> None:
@@ -126,10 +140,12 @@ def save_checkpoint(
         move_into_place(tmp, final)
         fsync_dir(root)
         write_latest(root, final.name)
-    except OSError as exc:
+    except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if (failure := write_failure(exc)) is None:
+            raise
         raise UserError(
-            f"could not save checkpoint {final}: {exc}; the previous checkpoint is intact"
+            f"could not save checkpoint {final}: {failure}; the previous checkpoint is intact"
         ) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -276,16 +292,18 @@ def _all_tensors(step_dir: Path, reader: Any) -> dict[str, torch.Tensor]:
 
 
 def export_weights(step_dir: Path, out: Path) -> Path:
-    """Consolidate a sharded checkpoint into one safetensors file ``out``, one tensor at a time
-    (never the whole model in memory)."""
+    """Consolidate a sharded checkpoint into one safetensors file ``out`` (which must not exist
+    yet), one tensor at a time (never the whole model in memory)."""
     reader = sharded_weights(step_dir)
     if reader is None:
         raise UserError(f"{step_dir} holds consolidated weights already: {step_dir / WEIGHTS}")
-    shapes = _reading(step_dir, reader.shapes)
+    if out.exists() or out.is_symlink():  # never replace what is there: a run's own weights?
+        raise UserError(f"{out} already exists; remove it or choose another path to export to")
+    shapes, dtypes = _reading(step_dir, reader.shapes), _reading(step_dir, reader.dtypes)
     tensors = reader.tensors()
     each = (_reading(step_dir, lambda: next(tensors)) for _ in shapes)  # read errors: the shards
     try:
-        return write_streamed(out, shapes, each)
+        return write_streamed(out, shapes, each, dtypes)
     except OSError as exc:  # what is left is the output's: a missing folder, a full disk
         raise UserError(f"cannot write {out}: {exc}") from None
 
@@ -337,7 +355,8 @@ def load_state(step_dir: Path, name: str = STATE) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and EOF errors all mean the same to the user
-        raise UserError(f"corrupt or truncated trainer state {path}: {exc}") from None
+        reason = str(exc) or type(exc).__name__  # an empty file: a bare EOFError
+        raise UserError(f"corrupt or truncated trainer state {path}: {reason}") from None
     if not isinstance(state, dict):
         raise UserError(f"corrupt trainer state {path}: expected a dict")
     return state

@@ -176,8 +176,8 @@ def init_from_checkpoint(model: MoETransformerLM, cfg: RunConfig, engine: Any = 
     New tensors (router, new units, identity blocks' inputs) keep ``model``'s own random init;
     noise is drawn from its own generator (seeded from ``train.seed``), not the global one.
     ``engine``: the ``myriad`` engine partitioning ``model``, if any. When the source is engine
-    shards of the same model config, each rank then reads only its own slices of the weights
-    (a fresh optimizer) instead of assembling the whole source model.
+    shards of the same model config, each rank then keeps only its own slices of the weights
+    (a fresh optimizer), assembling one source tensor at a time, never the whole source model.
     """
     t = cfg.train
     where = f"--init-from {t.init_from}"

@@ -137,25 +137,31 @@ def save_sharded_checkpoint(
         checkpoint.remove_stale_temps(root)
         tmp.mkdir()
 
-    def write() -> None:
+    def see() -> None:  # its own round: fsdp2's write is a collective every rank must reach
         if not tmp.is_dir():  # else save_shards would create a directory no one publishes
             raise UserError(
                 f"rank {rank} does not see {tmp}, which rank 0 created: the --out of a "
                 "multi-node myriad run must be on a file system every node shares"
             )
+
+    def write() -> None:
         parts.write(tmp)
-        _write_synced(tmp / rank_state_name(rank), lambda p: torch.save(state, p))
+        _write_synced(tmp / rank_state_name(rank), lambda p: checkpoint._write_state(p, state))
         if rank == 0:
             _write_synced(tmp / checkpoint.CONFIG, lambda p: checkpoint.write_json(p, config))
             _write_synced(tmp / checkpoint.STATE_JSON, lambda p: checkpoint.write_json(p, summary))
 
     def publish() -> None:
+        for sub in tmp.iterdir():  # fsdp2's dcp/: torch fsyncs its files, not their directory
+            if sub.is_dir():
+                checkpoint.fsync_dir(sub)
         checkpoint.fsync_dir(tmp)
         checkpoint.move_into_place(tmp, final)
         checkpoint.fsync_dir(root)
         checkpoint.write_latest(root, final.name)
 
     _all_or_none(parts, final, tmp, prepare if rank == 0 else None)
+    _all_or_none(parts, final, tmp, see)
     _all_or_none(parts, final, tmp, write)
     _all_or_none(parts, final, tmp, publish if rank == 0 else None)
     if keep > 0 and rank == 0:
@@ -193,7 +199,8 @@ def _all_or_none(
     """Run ``action`` here (None: nothing), then agree with every rank on whether all succeeded.
 
     Failure anywhere: rank 0 removes ``tmp`` before anyone returns, and every rank raises (the
-    failing rank its own cause: a ``UserError`` for an ``OSError``, else the original error).
+    failing rank its own cause: a ``UserError`` for a failed write, ``checkpoint.write_failure``,
+    else the original error).
     """
     error = _attempt(action)
     ranks = _failed_ranks(parts, error)
@@ -202,9 +209,10 @@ def _all_or_none(
     if parts.comm.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     parts.comm.barrier()  # the temporary directory is gone before any rank raises
-    if error is not None and not isinstance(error, OSError):
+    failure = checkpoint.write_failure(error) if error is not None else None
+    if error is not None and failure is None:
         raise error
-    cause = f": {error}" if error is not None else ""
+    cause = f": {failure}" if failure is not None else ""
     raise UserError(
         f"could not save checkpoint {final}: rank {ranks} failed to write{cause}; "
         "the previous checkpoint is intact"
@@ -223,9 +231,9 @@ def load_rank(parts: CheckpointParts, step_dir: Path) -> tuple[dict[str, Any], b
     own = rank < (written_world(step_dir) or 1)
     loaded: dict[str, Any] = {}
 
-    def load() -> None:
-        loaded["state"] = checkpoint.load_state(step_dir, rank_state_name(rank if own else 0))
+    def load() -> None:  # the parts first: fsdp2's read is a collective, reached by every rank
         parts.read(step_dir)
+        loaded["state"] = checkpoint.load_state(step_dir, rank_state_name(rank if own else 0))
 
     error = _attempt(load)
     ranks = _failed_ranks(parts, error)

@@ -1,6 +1,8 @@
 """User mistakes give one line on stderr, exit status 2, and leave nothing half-written."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -112,3 +114,59 @@ def test_console_script_exit_status(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("myriad: error:") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lr=-1", "train.lr must be > 0, got -1.0"),  # AdamW's own ValueError before
+        ("train.beta1=1.5", "train.beta1 must be in [0, 1), got 1.5"),
+        ("train.eps=-1", "train.eps must be >= 0, got -1.0"),
+        ("train.warmup_steps=-5", "train.warmup_steps must be >= 0, got -5"),
+    ],
+)
+def test_bad_optimizer_setting_names_the_key_and_writes_nothing(
+    capsys, tmp_path, override, message
+):
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "pretrain", "--out", str(out), *SMALL, "--set", override)
+    assert_one_line_error(code, err, message)
+    assert not out.exists()
+
+
+def test_out_that_is_a_file_is_a_clear_error(capsys, tmp_path):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine\n")
+    for out in (taken, taken / "run"):
+        code, _, err = run_cli(capsys, "pretrain", "--out", str(out), *SMALL)
+        assert_one_line_error(code, err, f"cannot create the run directory {out}")
+    assert taken.read_text() == "mine\n"
+
+
+def test_bad_data_leaves_no_run_folder(capsys, tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "今天天气很好"}\n{"text": "公园\n', encoding="utf-8")
+    out = tmp_path / "new" / "run"  # its parent is created for the run too
+    code, _, err = run_cli(capsys, "pretrain", "--data", str(corpus), "--out", str(out), *SMALL)
+    assert_one_line_error(code, err, f"{corpus}:2: not valid JSON")
+    assert not (tmp_path / "new").exists()
+
+
+def test_corpus_that_is_not_utf8_names_the_file(capsys, tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_bytes('{"text": "今天天气很好"}\n'.encode() + b'{"text": "\xff"}\n')
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "pretrain", "--data", str(corpus), "--out", str(out), *SMALL)
+    assert_one_line_error(code, err, f"{corpus}: not UTF-8 text")
+    assert not out.exists()
+
+
+def test_info_names_the_checkpoint_config_with_a_bad_key(capsys, small_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(small_run, copy)
+    config = sorted(copy.glob("checkpoints/step-*/config.json"))[-1]
+    edited = json.loads(config.read_text())
+    edited["train"]["stpes"] = 3
+    config.write_text(json.dumps(edited))
+    code, _, err = run_cli(capsys, "info", str(copy))
+    assert_one_line_error(code, err, str(config), "train.stpes")

@@ -63,6 +63,13 @@ def test_int_is_accepted_for_float():
         ("model.attn_reuse.every=x", "model.attn_reuse.every must be int"),
         ("model.attn_reuse.inference=rrr", "model.attn_reuse.inference must be 'reuse'"),
         ("novalue", "--set expects section.key=value"),
+        ("model.n_heads=0", "model.n_heads must be >= 1, got 0"),  # was a ZeroDivisionError
+        ("model.n_layers=-1", "model.n_layers must be >= 1, got -1"),  # was a 0-layer model
+        ("model.d_model=0", "model.d_model must be >= 1, got 0"),
+        ("model.d_ff=0", "model.d_ff must be >= 1, got 0"),
+        ("model.moe.d_expert=0", "model.moe.d_expert must be >= 1, got 0"),
+        ("model.moe.num_shared_experts=-1", "model.moe.num_shared_experts must be >= 0, got -1"),
+        ("model.n_kv_heads=-1", "model.n_kv_heads must be >= 0, got -1"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
@@ -70,6 +77,14 @@ def test_bad_overrides_name_the_key(override, message):
         load_recipe("tiny-zh", [override])
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_unused_widths_may_be_zero():
+    """d_ff sizes dense FFN layers only, d_expert MoE layers only: unused, any value goes."""
+    assert load_recipe("tiny-zh", ["model.moe.every=1", "model.d_ff=0"]).model.d_ff == 0
+    assert (
+        load_recipe("tiny-zh", ["model.moe.every=0", "model.moe.d_expert=0"]).model.moe.every == 0
+    )
 
 
 def test_unknown_key_in_recipe_file_names_the_file(tmp_path):

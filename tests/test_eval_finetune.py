@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -187,6 +188,51 @@ def test_vocab_mismatch_is_a_user_error(tiny, tmp_path, capsys):
         assert code == 2 and err.startswith(f"myriad: error: {tok}:1: vocabulary mismatch")
         assert why in err and "\n" not in err
     assert not out.exists()
+
+
+def test_out_that_is_not_a_finetune_folder_is_refused_before_training(tiny, tmp_path, capsys):
+    run, data = tiny
+    pretrained = shutil.copytree(run, tmp_path / "pretrained")  # --out runs/tiny-zh, by mistake
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    args = ["finetune", "--checkpoint", str(run), "--task", "jsonl", "--data-dir", str(data)]
+    for out, why in (
+        (pretrained, f"--out {pretrained} exists and is not a myriad finetune folder"),
+        (notes, f"--out {notes} exists and is not a myriad finetune folder"),
+        (notes / "ft", f"--out {notes / 'ft'}: {notes} is a file, not a folder"),
+    ):
+        code, err = _cli([*args, "--max-steps", "1", "--out", str(out)], capsys)
+        assert code == 2 and why in err and "\n" not in err
+    assert (pretrained / "checkpoints").is_dir() and notes.read_text() == "mine\n"
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--eval-batch-size", "0"), ("--warmup-ratio", "-1")])
+def test_bad_finetune_flag_names_it(tiny, tmp_path, capsys, flag, value):
+    run, data = tiny
+    args = ["finetune", "--checkpoint", str(run), "--task", "jsonl", "--data-dir", str(data)]
+    code, err = _cli([*args, "--out", str(tmp_path / "ft"), flag, value], capsys)
+    assert code == 2 and err.startswith(f"myriad: error: {flag} must be") and "\n" not in err
+    assert not (tmp_path / "ft").exists()
+
+
+def test_evaluate_bad_out_or_damaged_tokenizer_is_one_line(tiny, tmp_path, capsys):
+    run, data = tiny
+    ft = tmp_path / "ft"
+    task = ["--task", "jsonl", "--data-dir", str(data)]
+    assert (
+        main(["finetune", "--checkpoint", str(run), *task, "--max-steps", "1", "--out", str(ft)])
+        == 0
+    )
+    for out in (tmp_path, tmp_path / "notes.txt" / "pred.json"):  # a folder; below a file
+        (tmp_path / "notes.txt").write_text("mine\n")
+        capsys.readouterr()
+        code, err = _cli(["evaluate", "--model", str(ft), *task, "--out", str(out)], capsys)
+        assert code == 2 and err.startswith(f"myriad: error: could not write {out}: ")
+        assert "\n" not in err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    (ft / "tokenizer.json").write_text("garbage")
+    code, err = _cli(["evaluate", "--model", str(ft), *task], capsys)
+    assert code == 2 and err.startswith(f"myriad: error: {ft / 'tokenizer.json'}:1: not a readable")
 
 
 def test_evaluate_needs_a_mode(capsys):

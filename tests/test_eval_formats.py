@@ -127,6 +127,18 @@ def test_empty_file_and_bad_json(tmp_path):
         load_task("afqmc", data)
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_file_that_is_not_utf8_names_it(tmp_path, fmt):
+    lines = ['{"text": "好", "label": "a"}', '{"text": "坏", "label": "b"}']
+    if fmt == "csv":
+        lines = ["text,label", "好,a", "坏,b"]
+    _write(tmp_path, f"train.{fmt}", lines)
+    dev = _write(tmp_path, f"dev.{fmt}", lines)
+    dev.write_bytes(dev.read_bytes() + b"\xff\xfe\n")  # a Latin-1 or UTF-16 file, say
+    with pytest.raises(UserError, match=f"^{dev}: not UTF-8 text$"):
+        load_task(fmt, tmp_path)
+
+
 def test_unknown_task_and_missing_data_dir(tmp_path):
     with pytest.raises(UserError, match="unknown; tasks: zh-sentiment, zh-nextsent, afqmc"):
         load_task("glue")

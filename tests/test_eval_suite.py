@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import statistics
 
+import pytest
+
+from myriad.errors import UserError
 from myriad.eval.finetune import FinetuneConfig
-from myriad.eval.suite import SuiteConfig, render_report
+from myriad.eval.suite import SuiteConfig, render_report, run_suite
 
 
 def _row(dev: float, test: float) -> dict:
@@ -30,3 +33,13 @@ def test_report_numbers():
     assert text.splitlines()[7].endswith(f"| {avg} |")
     assert "| tfidf | 90.00 ± 0.00 | 50.00 ± 0.00 | 70.00 ± 0.00 |" in text
     assert "- `moe`: pre-trained" in text and "lr=0.0003" in text
+
+
+def test_missing_checkpoint_fails_before_any_run(tmp_path):
+    missing = tmp_path / "runs" / "typo"
+    cfg = SuiteConfig(
+        checkpoints={"moe": str(missing)}, work_dir=str(tmp_path / "work"), report="r.md"
+    )
+    with pytest.raises(UserError, match=f"checkpoint path not found: {missing}"):
+        run_suite(cfg, FinetuneConfig(), log=lambda _: None)
+    assert not (tmp_path / "work").exists()  # not even the TF-IDF baseline ran

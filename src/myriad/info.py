@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from myriad.config import RunConfig, from_dict
@@ -51,7 +52,8 @@ def _flop_lines(cfg: RunConfig) -> list[str]:
 
 def describe(info: dict[str, Any]) -> str:
     """Config, parameter counts and, when present, the training state of a checkpoint."""
-    cfg: RunConfig = from_dict(RunConfig, info["config"], where="config")
+    where = str(Path(info["path"]) / "config.json") if "path" in info else "config"
+    cfg: RunConfig = from_dict(RunConfig, info["config"], where=where)
     counts = count_parameters(cfg.model)
     moe = cfg.model.moe
     moe_layers = sum(cfg.model.is_moe_layer(i) for i in range(cfg.model.n_layers))

@@ -178,14 +178,18 @@ def _read_text(path: Path) -> Iterator[str]:
 
 
 def iter_json_lines(path: Path, handle: Iterable[str]) -> Iterator[tuple[int, Any]]:
-    """``(line number, decoded value)`` per non-blank line; bad JSON is a ``file:line`` error."""
-    for lineno, line in enumerate(handle, start=1):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+    """``(line number, decoded value)`` per non-blank line; bad JSON is a ``file:line`` error,
+    bytes that are not UTF-8 an error naming the file (a text handle decodes ahead of lines)."""
+    try:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
 
 
 def _read_jsonl(path: Path, field: str) -> Iterator[str]:

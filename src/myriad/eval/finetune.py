@@ -34,7 +34,7 @@ from myriad.errors import UserError
 from myriad.eval.encode import Encoded, encode_examples, length_sorted_batches, make_batch
 from myriad.eval.heads import SequenceClassifier, load_backbone
 from myriad.eval.metrics import score
-from myriad.eval.outputs import write_outputs
+from myriad.eval.outputs import check_out_dir, write_outputs
 from myriad.eval.tasks import Task
 from myriad.train.device import resolve_device
 
@@ -66,6 +66,8 @@ class FinetuneConfig:
             (self.max_len >= 4, "--max-len must be >= 4"),
             (self.epochs > 0 or self.max_steps > 0, "--epochs or --max-steps must be > 0"),
             (self.eval_every >= 1, "--eval-every must be >= 1"),
+            (self.eval_batch_size >= 1, "--eval-batch-size must be >= 1"),
+            (0 <= self.warmup_ratio <= 1, "--warmup-ratio must be in [0, 1]"),
             (self.patience >= 1, "--patience must be >= 1"),
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
         ]
@@ -178,6 +180,7 @@ def run_finetune(
 ) -> FinetuneResult:
     """Fine-tune ``checkpoint`` on ``task`` and write the outputs to ``out_dir``."""
     cfg.validate()
+    check_out_dir(out_dir)  # before the training, not after it
     start = time.perf_counter()
     _seed_everything(cfg.seed)
     backbone, run_cfg, tokenizer, tok_path = load_backbone(

@@ -208,8 +208,11 @@ def _records(path: Path, reader: str) -> list[tuple[int, dict[str, Any]]]:
     with path.open(encoding="utf-8", newline="") as handle:
         if reader == "csv":
             table = csv.DictReader(handle)
-            for row in table:
-                rows.append((table.line_num, dict(row)))
+            try:
+                for row in table:
+                    rows.append((table.line_num, dict(row)))
+            except UnicodeDecodeError:
+                raise UserError(f"{path}: not UTF-8 text") from None
         else:
             for lineno, record in iter_json_lines(path, handle):
                 if not isinstance(record, dict):

@@ -93,7 +93,7 @@ def _check_same_vocab(tokenizer: Tokenizer, tok_path: Path, checkpoint: Path) ->
         return  # nothing to compare against: the size check above is all we can do
     if own.resolve() == tok_path.resolve():
         return
-    if Tokenizer.from_file(str(own)).get_vocab() != tokenizer.get_vocab():
+    if read_tokenizer(own).get_vocab() != tokenizer.get_vocab():
         raise UserError(
             f"{tok_path}:1: vocabulary mismatch: its token ids differ from {own}, the "
             f"tokenizer checkpoint {checkpoint} was trained with"
@@ -103,7 +103,12 @@ def _check_same_vocab(tokenizer: Tokenizer, tok_path: Path, checkpoint: Path) ->
 def _tokenizer_size(path: Path) -> int:
     if not path.is_file():
         raise UserError(f"--tokenizer {path}: no such file")
+    return read_tokenizer(path).get_vocab_size()
+
+
+def read_tokenizer(path: Path) -> Tokenizer:
+    """``Tokenizer.from_file``; a damaged file is a user error naming it."""
     try:
-        return Tokenizer.from_file(str(path)).get_vocab_size()
+        return Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
         raise UserError(f"{path}:1: not a readable tokenizer.json ({exc})") from None

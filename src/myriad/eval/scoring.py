@@ -19,7 +19,7 @@ from myriad.data.tokenizer import special_ids
 from myriad.errors import UserError
 from myriad.eval.encode import encode_examples
 from myriad.eval.finetune import predict
-from myriad.eval.heads import SequenceClassifier
+from myriad.eval.heads import SequenceClassifier, read_tokenizer
 from myriad.eval.outputs import write_text_atomic
 from myriad.eval.tasks import Task
 from myriad.model import MoETransformerLM
@@ -45,7 +45,7 @@ def load_finetuned(folder: Path) -> tuple[SequenceClassifier, dict[str, Any], To
         raise UserError(f"{folder / 'model.safetensors'}: corrupt weights ({exc})") from None
     if missing or unexpected:
         raise UserError(f"{folder / 'model.safetensors'}: weights do not match config.json")
-    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer = read_tokenizer(folder / "tokenizer.json")
     if tokenizer.get_vocab_size() > run_cfg.model.vocab_size:
         raise UserError(
             f"{folder / 'tokenizer.json'}:1: vocabulary mismatch: "

@@ -29,6 +29,7 @@ from myriad.eval.builtin import BUILTIN_TASKS
 from myriad.eval.finetune import FinetuneConfig, run_finetune
 from myriad.eval.outputs import write_text_atomic
 from myriad.eval.tasks import Task, load_task
+from myriad.train.checkpoint import resolve_checkpoint
 
 SUITES = {"builtin": tuple(BUILTIN_TASKS)}
 SCRATCH_TAPT = "scratch+tapt"  # the control of the +tapt systems
@@ -78,6 +79,8 @@ def run_suite(cfg: SuiteConfig, ft: FinetuneConfig, *, log: Callable[[str], None
         raise UserError("--seeds needs at least one seed")
     if cfg.adapt_steps < 0:
         raise UserError(f"--adapt-steps must be >= 0, got {cfg.adapt_steps}")
+    for path in cfg.checkpoints.values():  # a typo fails now, not after the first task's runs
+        resolve_checkpoint(Path(path))
     first = Path(next(iter(cfg.checkpoints.values())))
     systems: list[tuple[str, Path | None, bool]] = [("tfidf", None, False)]
     systems.append(("scratch", first, True))

@@ -100,6 +100,21 @@ class ModelConfig:
         from myriad.errors import UserError
 
         moe, reuse = self.moe, self.attn_reuse
+        has_dense = any(not self.is_moe_layer(i) for i in range(self.n_layers))
+        sizes = [  # first: the checks below divide by some of them
+            ("model.vocab_size", self.vocab_size, 1),
+            ("model.d_model", self.d_model, 1),
+            ("model.n_layers", self.n_layers, 1),
+            ("model.n_heads", self.n_heads, 1),
+            ("model.n_kv_heads", self.n_kv_heads, 0),
+            ("model.d_ff", self.d_ff if has_dense else 1, 1),  # dense FFN layers only
+            ("model.max_seq_len", self.max_seq_len, 1),
+            ("model.moe.d_expert", moe.d_expert if moe.every > 0 else 1, 1),
+            ("model.moe.num_shared_experts", moe.num_shared_experts, 0),
+        ]
+        for key, value, least in sizes:
+            if value < least:
+                raise UserError(f"{key} must be >= {least}, got {value}")
         n_reuse = len(reuse.reuse_layers(self.n_layers))
         pattern_ok = reuse.inference in ("reuse", "recompute") or (
             len(reuse.inference) == n_reuse and set(reuse.inference) <= {"r", "c"}

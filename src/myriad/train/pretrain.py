@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,6 +243,17 @@ def _validate(cfg: RunConfig) -> None:
     ):
         if value < 1:
             raise UserError(f"train.{key} must be >= 1, got {value}")
+    for name, number, ok, allowed in (  # the optimizer's own checks raise bare ValueErrors
+        ("lr", t.lr, t.lr > 0, "> 0"),
+        ("beta1", t.beta1, 0 <= t.beta1 < 1, "in [0, 1)"),
+        ("beta2", t.beta2, 0 <= t.beta2 < 1, "in [0, 1)"),
+        ("eps", t.eps, t.eps >= 0, ">= 0"),
+        ("weight_decay", t.weight_decay, t.weight_decay >= 0, ">= 0"),
+        ("min_lr_ratio", t.min_lr_ratio, 0 <= t.min_lr_ratio <= 1, "in [0, 1]"),
+        ("warmup_steps", t.warmup_steps, t.warmup_steps >= 0, ">= 0"),
+    ):
+        if not ok:
+            raise UserError(f"train.{name} must be {allowed}, got {number}")
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise UserError(
             f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})"
@@ -283,7 +295,8 @@ def run_pretrain(
         UserError: ``out_dir`` holds a run and ``resume`` is False; ``resume`` without a
             checkpoint, or with a config that changes a trained-on key; bad data or config.
     """
-    out_dir = engine_runtime.rank_dir(Path(out_dir))  # torchrun: ranks > 0 write below it
+    given = Path(out_dir)
+    out_dir = engine_runtime.rank_dir(given)  # torchrun: ranks > 0 write below it
     _validate(cfg)
     if cfg.train.init_from:
         cfg = hotstart.prepare_config(cfg)  # reuse the source run's tokenizer
@@ -295,15 +308,27 @@ def run_pretrain(
         saved = checkpoint.read_json(resume_from / checkpoint.CONFIG)
         for key in _check_resume_config(saved, to_dict(cfg), resume_from):
             log(f"resume: {key} changed from {_get(saved, key)!r} to {_get(to_dict(cfg), key)!r}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Bad data fails here, before the run is marked; under torchrun rank 0 prepares, then the
-    # other ranks reuse its tokenizer and cache.
-    prepared = engine_runtime.rank0_first(lambda d: _prepare_data(cfg, d), out_dir, cfg.engine)
-    loop = build_loop(cfg, out_dir, prepared)
-    if cfg.train.init_from and resume_from is None:
-        engine = engine_runtime.sharding_engine(loop.step_fn.sync)
-        mode = hotstart.init_from_checkpoint(loop.model, cfg, engine)
-        log(f"hot-start ({mode}) from {cfg.train.init_from}")
+    # The outermost folder this process creates, which a failure below removes again (ranks > 0:
+    # their own folder only, never rank 0's).
+    mine = (*reversed(given.parents), given) if out_dir == given else (out_dir,)
+    created = next((p for p in mine if not p.exists()), None)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # --out names a file, or a folder below one
+        raise UserError(f"cannot create the run directory {out_dir}: {exc}") from None
+    try:
+        # Bad data fails here, before the run is marked; under torchrun rank 0 prepares, then
+        # the other ranks reuse its tokenizer and cache.
+        prepared = engine_runtime.rank0_first(lambda d: _prepare_data(cfg, d), out_dir, cfg.engine)
+        loop = build_loop(cfg, out_dir, prepared)
+        if cfg.train.init_from and resume_from is None:
+            engine = engine_runtime.sharding_engine(loop.step_fn.sync)
+            mode = hotstart.init_from_checkpoint(loop.model, cfg, engine)
+            log(f"hot-start ({mode}) from {cfg.train.init_from}")
+    except UserError:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     _write_config(out_dir, cfg)
     _log_start(log, cfg, loop, prepared)
     progress = Progress()

@@ -161,6 +161,11 @@ def test_corpus_that_is_not_utf8_names_the_file(capsys, tmp_path):
     assert not out.exists()
 
 
+def test_info_refuses_overrides_of_a_checkpoint(capsys, small_run):
+    code, _, err = run_cli(capsys, "info", str(small_run), "--set", "train.steps=9")
+    assert_one_line_error(code, err, f"--set applies to recipes, not to the checkpoint {small_run}")
+
+
 def test_info_names_the_checkpoint_config_with_a_bad_key(capsys, small_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(small_run, copy)

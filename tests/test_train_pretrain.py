@@ -105,6 +105,23 @@ def test_resume_refuses_changed_config(tmp_path, monkeypatch):
         run_pretrain(changed, tmp_path, resume=True, log=_quiet)
 
 
+def test_failed_resume_leaves_the_run_as_it_was(tmp_path, monkeypatch):
+    """A damaged trainer state: a one-line error, and config.json and metrics keep the old run
+    (not the resume's new ``train.steps``)."""
+    use_fake_data(monkeypatch)
+    cfg = tiny_config(steps=2)
+    run_pretrain(cfg, tmp_path, log=_quiet)
+    config, metrics = (tmp_path / "config.json").read_bytes(), (tmp_path / "metrics.jsonl")
+    rows = metrics.read_bytes()
+    state = tmp_path / "checkpoints" / "step-000002" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=4))
+    with pytest.raises(UserError, match=f"corrupt or truncated trainer state {state}"):
+        run_pretrain(longer, tmp_path, resume=True, log=_quiet)
+    assert (tmp_path / "config.json").read_bytes() == config
+    assert metrics.read_bytes() == rows
+
+
 def test_resume_is_bit_identical(tmp_path, monkeypatch):
     cfg = tiny_config(steps=8, eval_every=2, checkpoint_every=3, grad_accum=2)
     use_fake_data(monkeypatch)

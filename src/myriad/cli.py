@@ -134,6 +134,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     if target.is_dir() or target.suffix == ".safetensors":
         from myriad.train.checkpoint import read_checkpoint_info
 
+        if args.overrides:  # a checkpoint's config is what it was trained with
+            raise UserError(f"--set applies to recipes, not to the checkpoint {target}")
+
         print(describe(read_checkpoint_info(target)))
         return 0
     if "/" in args.target and not target.exists():  # a path, not a recipe name

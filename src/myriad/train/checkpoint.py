@@ -371,7 +371,7 @@ def weights_summary(step_dir: Path) -> dict[str, Any]:
     path = step_dir / WEIGHTS
     reader = sharded_weights(step_dir)
     if reader is not None:
-        source, shapes = reader.source, list(reader.shapes().values())
+        source, shapes = reader.source, list(_reading(step_dir, reader.shapes).values())
     else:
         _require_file(path)
         try:

@@ -329,13 +329,13 @@ def run_pretrain(
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
         raise
-    _write_config(out_dir, cfg)
     _log_start(log, cfg, loop, prepared)
     progress = Progress()
     if resume_from is not None:
         progress = _restore(loop, resume_from)
         truncate_metrics(out_dir / "metrics.jsonl", progress.step)
         log(f"resuming from {resume_from} (step {progress.step})")
+    _write_config(out_dir, cfg)  # after the restore: a failed resume leaves the run's config
 
     metrics = MetricsLogger(out_dir, total_steps=cfg.train.steps, start_step=progress.step, log=log)
     try:

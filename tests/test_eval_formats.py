@@ -57,10 +57,27 @@ def test_nli_skips_pairs_without_gold_label(name, skipped):
     assert all(ex.label != "-" for split in ("train", "dev") for ex in task.splits[split])
 
 
+def test_ocnli_reads_clues_train_50k_file():
+    # ocnli_public ships train.50k.json (and no train.json); CLUE scores it as ocnli_50k
+    assert CLUE_TASKS["ocnli"].files == {
+        "train": "train.50k.json",
+        "dev": "dev.json",
+        "test": "test.json",
+    }
+    task = _task("ocnli")
+    assert [ex.id for ex in task.splits["train"]] == [0, 1, 2]
+    assert task.submission == "ocnli_50k_predict.json"
+    with pytest.raises(UserError, match="needs --data-dir with train.50k.json, dev.json"):
+        load_task("ocnli")
+
+
 def test_csl_joins_keywords():
-    ex = _task("csl").splits["train"][0]
-    assert ex.text_b == "水声学;FFT;波束形成;3维成像声呐"
+    task = _task("csl")
+    ex = task.splits["train"][0]
+    assert ex.text_b == "水声学 FFT 波束形成 3维成像声呐"  # " ".join, as CLUE's CslProcessor
     assert ex.text_a.startswith("为解决传统均匀FFT") and ex.id == 1
+    assert [ex.id for ex in task.splits["test"]] == [0, 2415]  # CSL test ids are not line numbers
+    assert task.splits["test"][1].text_b == "正散度 风神"
 
 
 def test_cluewsc_marks_both_spans():
@@ -72,6 +89,31 @@ def test_cluewsc_marks_both_spans():
     assert second.text_a == "我回家的时候，[床]上放着一只猫，<它>正在睡觉。"
     assert task.splits["test"][0].text_a == "[小明]把书给了小红，<他>很高兴。"
     assert task.submission == "cluewsc11_predict.json"
+
+
+def test_cluewsc_pronoun_before_noun(tmp_path):
+    # the first line of CLUE 1.1's cluewsc2020 test.json: span2 (pronoun) precedes span1
+    line = (
+        '{"id": 0, "target": {"span1_index": 46, "span1_text": "曹操", "span2_index": 17, '
+        '"span2_text": "他们"}, "text": "作为代价，这个兵种在不拔剑的时候，他们看起来就跟普通的精锐'
+        '没什么区别，顺带从这里也可以看出来曹操给曹真补了这五千多锐士是怎么个想法，很明显曹操也不是好鸟。"}'
+    )
+    for split in ("train", "dev"):
+        (tmp_path / f"{split}.json").write_bytes(
+            (FIXTURES / "cluewsc2020" / f"{split}.json").read_bytes()
+        )
+    _write(tmp_path, "test.json", [line])
+    (ex,) = load_task("cluewsc2020", tmp_path).splits["test"]
+    assert ex.id == 0 and ex.text_b == "他们->曹操"
+    assert ex.text_a.startswith("作为代价，这个兵种在不拔剑的时候，<他们>看起来")
+    assert "可以看出来[曹操]给曹真" in ex.text_a
+
+
+def test_label_strings_round_trip_as_clue_writes_them():
+    for name, label in (("tnews", "116"), ("iflytek", "118"), ("afqmc", "1"), ("csl", "0")):
+        labels = LabelMap(CLUE_TASKS[name].labels)
+        assert labels.to_label(labels.to_index(label)) == label  # a string, as submitted
+    assert LabelMap(CLUE_TASKS["cluewsc2020"].labels).to_label(0) == "true"
 
 
 def test_every_clue_task_has_a_fixture():

@@ -5,7 +5,8 @@ string). A :class:`TaskSpec` names the fields, the label set and the submission 
 :class:`LabelMap` turns label strings into class indices and back. Every mistake in a data file
 is a ``UserError`` naming the file and the 1-based line.
 
-CLUE ships ``train.json``, ``dev.json`` and ``test.json`` per task, each JSON lines. Test files
+CLUE ships ``train.json``, ``dev.json`` and ``test.json`` per task, each JSON lines (OCNLI's
+training file is ``train.50k.json``, the 50k set its submission name refers to). Test files
 carry ``id`` and no label; CLUEWSC2020 train/dev use ``idx``. OCNLI and CMNLI mark pairs whose
 annotators disagreed with the label ``"-"``: those have no gold label and are skipped, as CLUE's
 own baselines do (the count is reported).
@@ -92,11 +93,11 @@ class LabelMap:
 
 
 def _csl_text(record: dict[str, Any], where: str) -> tuple[str, str | None]:
-    """CSL: the abstract, and its keywords joined with ``;`` (as CLUE's baseline does)."""
+    """CSL: the abstract, and its keywords joined with a space (as CLUE's baseline does)."""
     abst, keywords = _require(record, "abst", where), _require(record, "keyword", where)
     if not isinstance(keywords, list) or not all(isinstance(k, str) for k in keywords):
         raise UserError(f"{where}: field 'keyword' must be a list of strings")
-    return _as_text(abst, "abst", where), ";".join(keywords)
+    return _as_text(abst, "abst", where), " ".join(keywords)
 
 
 def _wsc_text(record: dict[str, Any], where: str) -> tuple[str, str | None]:
@@ -144,6 +145,7 @@ CLUE_TASKS: dict[str, TaskSpec] = {
         text_b="sentence2",
         labels=NLI_LABELS,
         submission="ocnli_50k_predict.json",
+        files={"train": "train.50k.json", "dev": "dev.json", "test": "test.json"},
     ),
     "cmnli": TaskSpec(
         name="cmnli",

@@ -114,3 +114,23 @@ def test_cuda_offload_prefetch_matches_plain_model_under_budget():
     two, two_report = _losses(cfg, micro=2)
     assert two == pytest.approx(_losses(None, micro=2)[0], rel=1e-5)
     assert two_report["async_grad_copies"] > 0
+
+
+def test_a_refused_host_registration_does_not_fail_the_next_kernel():
+    """Registering pages twice fails (already registered); once hostmem clears the runtime's
+    last error, PyTorch's next kernel launch check passes."""
+    import mmap
+
+    from myriad.engine import hostmem
+
+    torch.ones(1, device="cuda")  # the runtime is loaded and initialised
+    assert hostmem._loaded_cudart() is not None
+    cudart = torch.cuda.cudart()
+    pages = torch.frombuffer(mmap.mmap(-1, 1 << 20), dtype=torch.uint8)
+    assert int(cudart.cudaHostRegister(pages.data_ptr(), pages.numel(), 1)) == 0
+    try:
+        assert int(cudart.cudaHostRegister(pages.data_ptr(), pages.numel(), 1)) != 0
+        hostmem._clear_cuda_error()
+        assert (torch.ones(4, device="cuda") + 1).sum().item() == 8.0
+    finally:
+        cudart.cudaHostUnregister(pages.data_ptr())

@@ -270,6 +270,36 @@ def test_payload_homes_share_one_exact_page_aligned_mapping():
     assert [h.float().mean().item() for h in homes] == [1.0, 2.0, 3.0, 4.0]
 
 
+def test_failed_host_registration_clears_cudas_last_error(monkeypatch):
+    """cudaHostRegister refused: the runtime's last error is reset (else PyTorch's next kernel
+    launch check raises it), and the home comes from the pinned allocator instead."""
+    from myriad.engine import hostmem
+
+    calls: list[str] = []
+
+    class Runtime:  # torch.cuda.cudart() and the loaded libcudart, as far as hostmem uses them
+        def cudaHostRegister(self, ptr, length, flags):  # noqa: N802
+            calls.append("register")
+            return 2  # cudaErrorMemoryAllocation
+
+        def cudaGetLastError(self):  # noqa: N802
+            calls.append("clear")
+
+    real_empty = torch.empty
+
+    def empty(*size, pin_memory=False, **kw):  # this CPU build cannot pin: a plain tensor
+        if pin_memory:
+            calls.append("pinned allocator")
+        return real_empty(*size, **kw)
+
+    monkeypatch.setattr(torch.cuda, "cudart", Runtime)
+    monkeypatch.setattr(hostmem, "_loaded_cudart", Runtime)
+    monkeypatch.setattr(torch, "empty", empty)
+    home = hostmem.home_tensors([(torch.Size([hostmem.SMALL]), torch.float32)], pin=True)[0]
+    assert calls == ["register", "clear", "pinned allocator"]
+    assert home.shape == (hostmem.SMALL,)
+
+
 def _cuda_run(**keys) -> tuple[list[float], dict]:
     """One process on CUDA, STEPS steps through the engine; its losses, report and payloads."""
     import gc

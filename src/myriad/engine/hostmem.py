@@ -14,9 +14,12 @@ registration fails, the caching pinned allocator is used instead.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import mmap
 import weakref
+from pathlib import Path
 
 import torch
 
@@ -52,9 +55,36 @@ def _arena(total: int, pin: bool) -> torch.Tensor:
         ptr = arena.data_ptr()
         cudart = torch.cuda.cudart()
         if int(cudart.cudaHostRegister(ptr, length, 1)) != 0:  # 1: cudaHostRegisterPortable
+            _clear_cuda_error()
             return torch.empty(total, dtype=torch.uint8, pin_memory=True)
         weakref.finalize(arena, cudart.cudaHostUnregister, ptr)
     return arena
+
+
+def _clear_cuda_error() -> None:
+    """Reset the CUDA runtime's last error after a failed call whose error was handled here.
+
+    A failed ``cudaHostRegister`` stays the runtime's last error, and PyTorch's next kernel
+    launch check (``cudaGetLastError``) would raise it as that kernel's failure. PyTorch's
+    bindings have no ``cudaGetLastError``, so it is called in the runtime library that PyTorch
+    loaded (its wheels load ``libcudart`` dynamically; found in this process's mappings).
+    """
+    lib = _loaded_cudart()
+    if lib is not None:
+        lib.cudaGetLastError()
+
+
+@functools.cache
+def _loaded_cudart() -> ctypes.CDLL | None:
+    try:
+        maps = Path("/proc/self/maps").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and "/libcudart.so" in fields[5]:
+            return ctypes.CDLL(fields[5])  # already loaded: the same runtime, not a second one
+    return None
 
 
 def _itemsize(dtype: torch.dtype) -> int:

@@ -88,6 +88,18 @@ def test_pretrain_then_info_reports_training_state(capsys, small_run):
     assert "step" in out
 
 
+def test_info_shows_small_learning_rates():
+    from myriad.config import load_recipe, to_dict
+    from myriad.info import describe
+
+    state = {"lr": 5e-05, "train_loss": 5.278134, "elapsed_s": 401.2345}
+    text = describe({"config": to_dict(load_recipe("tiny-zh")), "state": state})
+    shown = {
+        line.split()[0]: line.split()[1] for line in text.split("training state\n")[1].splitlines()
+    }
+    assert shown == {"lr": "5e-05", "train_loss": "5.2781", "elapsed_s": "401.23"}
+
+
 def test_pretrain_refuses_to_overwrite_without_resume(capsys, small_run):
     code, _, err = run_cli(capsys, "pretrain", "--out", str(small_run), *SMALL)
     assert_one_line_error(code, err, "--resume")

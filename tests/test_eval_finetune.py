@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shlex
 import shutil
 from pathlib import Path
 
@@ -151,8 +152,11 @@ def test_cli_finetune_and_bad_input(tiny, tmp_path, capsys):
     run, data = tiny
     out = tmp_path / "out"
     base = ["finetune", "--checkpoint", str(run), "--out", str(out), "--threads", "1"]
-    code, _ = _cli([*base, "--task", "jsonl", "--data-dir", str(data), "--max-steps", "2"], capsys)
+    code = main([*base, "--task", "jsonl", "--data-dir", str(data), "--max-steps", "2"])
     assert code == 0 and (out / "summary.json").is_file()
+    hint = capsys.readouterr().out.split("Next:\n", 1)[1].splitlines()[0]
+    words = shlex.split(hint)  # the printed next step runs as it is
+    assert words[:2] == ["myriad", "evaluate"] and main(words[1:]) == 0
 
     bad = _write_task(tmp_path / "bad", 8, 4)
     dev = bad / "dev.jsonl"

@@ -28,7 +28,8 @@ def _config_lines(raw: dict[str, Any], prefix: str = "") -> list[str]:
 
 
 def _short(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    """Floats to 5 significant digits: a loss of 5.2781 and a learning rate of 5e-05 alike."""
+    return f"{value:.5g}" if isinstance(value, float) else str(value)
 
 
 def _flop_lines(cfg: RunConfig) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
 from myriad.errors import UserError
@@ -44,8 +45,22 @@ def finetune_command(args: argparse.Namespace) -> int:
     print(f"Done: {summary_line(result)}")
     if "test" in task.splits:
         print(f"  test predictions: {out / task.submission}")
-    print(f"Next:\n  myriad evaluate --model {out} --task {task.name}")
+    print(f"Next:\n  {_evaluate_hint(args, out, task.name)}")
     return 0
+
+
+def _evaluate_hint(args: argparse.Namespace, out: Path, task: str) -> str:
+    """The ``myriad evaluate`` command for this fine-tuning run, with the task's data flags."""
+    words = ["myriad", "evaluate", "--model", str(out), "--task", task]
+    for flag, value in (
+        ("--data-dir", args.data_dir),
+        ("--text-field", args.text_field),
+        ("--text-pair-field", args.text_pair_field),
+        ("--label-field", args.label_field),
+    ):
+        if value:
+            words += [flag, value]
+    return shlex.join(words)
 
 
 def evaluate_command(args: argparse.Namespace) -> int:

@@ -244,6 +244,20 @@ def test_damaged_shard_file_error_names_the_file(tmp_path):
     assert not (tmp_path / "m.safetensors").exists()
 
 
+def test_shard_files_of_other_ranks_are_not_a_complete_set(tmp_path):
+    """As many files as the world size, but not ranks 0..W-1 (a rank's files renamed or
+    written under two spellings): refused, not read as a checkpoint."""
+    from myriad.engine.shards import ShardReader
+
+    _, _, engine = _tiny_run()
+    shards = tmp_path / "shards"
+    save_shards(engine, shards)
+    for path in shards.glob("engine-rank00000-of-00001.*"):
+        path.rename(path.with_name(path.name.replace("rank00000", "rank00003")))
+    with pytest.raises(UserError, match="no complete set of engine shard files"):
+        ShardReader(shards)
+
+
 def test_export_keeps_every_tensors_dtype(tmp_path):
     """Word-vector routing keeps int64 and bool buffers: the export stores them as such (as a
     consolidated checkpoint does), not as fp32, and the readers load them back exactly."""

@@ -125,7 +125,7 @@ class ShardReader:
             if (m := _RANK_FILE.match(p.name))
         )
         worlds = {w for _, w, _ in found}
-        if not found or len(worlds) != 1 or len(found) != next(iter(worlds)):
+        if len(worlds) != 1 or [r for r, _, _ in found] != list(range(next(iter(worlds)))):
             raise UserError(f"{directory}: no complete set of engine shard files")
         self.world = found[0][1]
         self.source = f"{directory} ({self.world} engine shard files)"

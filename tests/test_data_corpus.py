@@ -63,6 +63,21 @@ def test_max_documents():
     assert len(docs) == 3
 
 
+def test_max_documents_reads_no_further(tmp_path: Path):
+    """The document after the last one wanted is never read, so it cannot fail the run."""
+    lines = [json.dumps({"text": "一"}), json.dumps({"text": "二"}), "{not json"]
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    cfg = DataConfig(corpus=str(tmp_path / "a.jsonl"), max_documents=2)
+    assert list(open_corpus(cfg).documents()) == ["一", "二"]
+
+
+def test_folder_takes_upper_case_extensions(tmp_path: Path):
+    """A folder lists the files ``auto`` can read as a single path: ``A.TXT`` is text."""
+    (tmp_path / "A.TXT").write_text("甲\n", encoding="utf-8")
+    (tmp_path / "b.md").write_text("乙\n", encoding="utf-8")
+    assert list(open_corpus(DataConfig(corpus=str(tmp_path))).documents()) == ["甲"]
+
+
 def _write_parquet(path: Path, texts: list[str | None], column: str = "text") -> None:
     table = pa.table({column: texts, "id": list(range(len(texts)))})
     pq.write_table(table, path, row_group_size=2)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from myriad.data import DataConfig, PreparedData, prepare_data
+from myriad.data.curriculum import difficulty_scores
 from myriad.data.masking import IGNORE_INDEX
 from myriad.errors import UserError
 
@@ -121,3 +122,11 @@ def _originals(batch: dict[str, torch.Tensor]) -> list[tuple[int, ...]]:
     """Undo the masking: labels hold the original id wherever the input was changed."""
     chosen = batch["labels"] != IGNORE_INDEX
     return [tuple(r) for r in torch.where(chosen, batch["labels"], batch["input_ids"]).tolist()]
+
+
+def test_rarity_scores_with_a_special_id_above_every_data_id():
+    """[MASK] never occurs in packed rows; a tokenizer may give it the largest id."""
+    cls, sep, mask = 2, 3, 99
+    ids_NS = np.array([[cls, 5, sep, 6], [cls, 6, 6, 6]], dtype=np.uint16)
+    scores = difficulty_scores(ids_NS, "rarity", sep, [0, 1, cls, sep, mask])
+    assert scores[0] > scores[1]  # the row with the rare token 5 is harder

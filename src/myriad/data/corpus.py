@@ -102,10 +102,10 @@ def _checked(corpus: Corpus, items: Iterable[_T]) -> Iterator[_T]:
     """Apply ``max_documents`` and turn an empty corpus into a UserError."""
     count = 0
     for item in items:
-        if corpus.max_documents and count >= corpus.max_documents:
-            break
         count += 1
         yield item
+        if count == corpus.max_documents:  # stop before reading (and checking) one more
+            break
     if count == 0:
         where = ", ".join(str(p) for p, _ in corpus.files)
         raise UserError(f"data.corpus = {corpus.name!r}: empty corpus, no text in {where}")
@@ -142,7 +142,9 @@ def _resolve_paths(spec: str) -> list[Path]:
         return matches
     path = Path(spec).expanduser()
     if path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _EXTENSIONS)
+        found = sorted(
+            p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _EXTENSIONS
+        )
         if not found:
             raise UserError(f"data.corpus = {spec!r}: the folder holds no .txt/.jsonl/.parquet")
         return found

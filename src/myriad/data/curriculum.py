@@ -95,7 +95,9 @@ def difficulty_scores(
         doc_len = np.bincount(doc)
         return doc_len[doc].reshape(body_NS.shape).mean(axis=1).astype(np.float64)
     if kind == "rarity":
-        counts = np.bincount(flat, minlength=int(flat.max()) + 1).astype(np.float64)
+        # A special such as [MASK] never occurs in the data and may hold the largest id.
+        size = max([int(flat.max()), *special_ids]) + 1
+        counts = np.bincount(flat, minlength=size).astype(np.float64)
         counts[list(special_ids)] = 0
         surprisal = -np.log(np.maximum(counts, 1) / max(counts.sum(), 1))
         plain_NS = ~np.isin(body_NS, list(special_ids))

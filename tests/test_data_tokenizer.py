@@ -50,6 +50,16 @@ def test_cjk_split_per_character_and_specials(trained: Path):
     ]
 
 
+def test_special_tokens_are_registered(trained: Path):
+    """As in BERT's tokenizer.json: a written "[MASK]" is the mask token, and plain
+    ``tokenizers`` decoding can skip the specials."""
+    tokenizer = load_tokenizer(trained, 3000)
+    encoding = tokenizer.encode("中国[MASK]民")
+    assert encoding.tokens == ["[CLS]", "中", "国", "[MASK]", "民", "[SEP]"]
+    assert encoding.ids[3] == 4
+    assert tokenizer.decode(encoding.ids, skip_special_tokens=True).split() == ["中", "国", "民"]
+
+
 def test_full_width_forms_fold_to_ascii(trained: Path):
     """People's Daily writes "１９９８" and "，"; reviews write "1998" and ",": one set of ids."""
     tokenizer = load_tokenizer(trained, 3000)

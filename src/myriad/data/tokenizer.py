@@ -94,6 +94,9 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, path: Path) -> To
         count_words(documents), vocab_size, SPECIAL_TOKENS.values(), joins_words
     )
     tokenizer = bert_style_tokenizer(vocab)
+    # Registered as special, as BERT's tokenizer.json does: "[MASK]" in a text is one token,
+    # and decoding with skip_special_tokens drops them (their ids stay the vocabulary's).
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS.values()))
     ids = special_ids(tokenizer)
     tokenizer.post_processor = processors.BertProcessing(
         ("[SEP]", ids["sep"]), ("[CLS]", ids["cls"])

@@ -78,6 +78,15 @@ def test_folder_takes_upper_case_extensions(tmp_path: Path):
     assert list(open_corpus(DataConfig(corpus=str(tmp_path))).documents()) == ["甲"]
 
 
+def test_byte_order_mark_and_home_in_a_glob(tmp_path: Path, monkeypatch):
+    """A UTF-8 BOM (Windows editors) is not text, nor JSON; ``~`` expands in a glob too."""
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "a.txt").write_bytes(bom + "甲\n".encode())
+    (tmp_path / "b.jsonl").write_bytes(bom + json.dumps({"text": "乙"}).encode() + b"\n")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert list(open_corpus(DataConfig(corpus="~/*")).documents()) == ["甲", "乙"]
+
+
 def _write_parquet(path: Path, texts: list[str | None], column: str = "text") -> None:
     table = pa.table({column: texts, "id": list(range(len(texts)))})
     pq.write_table(table, path, row_group_size=2)

@@ -181,6 +181,19 @@ def test_file_that_is_not_utf8_names_it(tmp_path, fmt):
         load_task(fmt, tmp_path)
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_byte_order_mark_is_not_part_of_the_first_field(tmp_path, fmt):
+    """Excel and Windows editors start UTF-8 files with a BOM; it must not rename a column."""
+    lines = ['{"text": "好", "label": "a"}', '{"text": "坏", "label": "b"}']
+    if fmt == "csv":
+        lines = ["text,label", "好,a", "坏,b"]
+    for split in ("train", "dev"):
+        path = _write(tmp_path, f"{split}.{fmt}", lines)
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    task = load_task(fmt, tmp_path)
+    assert [e.text_a for e in task.splits["train"]] == ["好", "坏"]
+
+
 def test_unknown_task_and_missing_data_dir(tmp_path):
     with pytest.raises(UserError, match="unknown; tasks: zh-sentiment, zh-nextsent, afqmc"):
         load_task("glue")

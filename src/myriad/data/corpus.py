@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,7 +137,8 @@ def open_corpus(cfg: DataConfig) -> Corpus:
 def _resolve_paths(spec: str) -> list[Path]:
     """A file, a directory (its corpus files, recursively) or a glob; sorted for determinism."""
     if any(ch in spec for ch in "*?["):
-        matches = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+        pattern = os.path.expanduser(spec)
+        matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
         if not matches:
             raise UserError(f"data.corpus = {spec!r}: the glob matches no files")
         return matches
@@ -172,7 +174,7 @@ def _read_text(path: Path) -> Iterator[str]:
     with path.open("rb") as handle:  # decode per line so an error names the right line
         for lineno, raw in enumerate(handle, start=1):
             try:
-                text = raw.decode("utf-8").strip()
+                text = raw.decode("utf-8-sig").strip()  # -sig: a BOM (Windows editors) is no text
             except UnicodeDecodeError:
                 raise UserError(f"{path}:{lineno}: not UTF-8 text") from None
             if text:
@@ -195,7 +197,7 @@ def iter_json_lines(path: Path, handle: Iterable[str]) -> Iterator[tuple[int, An
 
 
 def _read_jsonl(path: Path, field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:  # a leading BOM is not JSON
         for lineno, record in iter_json_lines(path, handle):
             if not isinstance(record, dict) or field not in record:
                 raise UserError(

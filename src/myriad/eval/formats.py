@@ -207,7 +207,7 @@ def _records(path: Path, reader: str) -> list[tuple[int, dict[str, Any]]]:
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     rows: list[tuple[int, dict[str, Any]]] = []
-    with path.open(encoding="utf-8", newline="") as handle:
+    with path.open(encoding="utf-8-sig", newline="") as handle:  # Excel writes CSV with a BOM
         if reader == "csv":
             table = csv.DictReader(handle)
             try:

@@ -169,6 +169,17 @@ def test_bad_input_raises_user_error(tmp_path: Path, files: dict, cfg: dict, pat
         list(open_corpus(config).documents())
 
 
+def test_parquet_with_a_damaged_page_names_the_file(tmp_path: Path):
+    """The footer reads fine; the pages fail to decompress only when the rows are read."""
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"text": [f"第{i}篇" * 20 for i in range(2000)]}), path)
+    raw = bytearray(path.read_bytes())
+    raw[1000 : len(raw) // 2] = bytes((b * 7 + 3) % 256 for b in raw[1000 : len(raw) // 2])
+    path.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=f"^{path}: not a readable Parquet file"):
+        list(open_corpus(DataConfig(corpus=str(path))).documents())
+
+
 def test_parquet_without_column(tmp_path: Path):
     _write_parquet(tmp_path / "t.parquet", ["好"], column="content")
     with pytest.raises(UserError, match=r"t\.parquet: no column 'text'.*content"):

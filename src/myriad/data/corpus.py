@@ -228,12 +228,17 @@ def _read_parquet(path: Path, field: str) -> Iterator[str]:
         raise UserError(
             f"{path}: no column {field!r} (see data.text_field); columns: {', '.join(names)}"
         )
-    for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[field]):
-        for text in batch.column(0).to_pylist():
-            if text is None:
-                continue
-            if not isinstance(text, str):
-                raise UserError(f"{path}: column {field!r} holds {type(text).__name__}, not text")
-            text = text.strip()
-            if text:
-                yield text
+    try:  # a damaged page shows only when its rows are read
+        for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[field]):
+            for text in batch.column(0).to_pylist():
+                if text is None:
+                    continue
+                if not isinstance(text, str):
+                    raise UserError(
+                        f"{path}: column {field!r} holds {type(text).__name__}, not text"
+                    )
+                text = text.strip()
+                if text:
+                    yield text
+    except (pa.ArrowException, OSError) as exc:
+        raise UserError(f"{path}: not a readable Parquet file ({exc})") from None

@@ -71,6 +71,18 @@ def test_max_documents_reads_no_further(tmp_path: Path):
     assert list(open_corpus(cfg).documents()) == ["一", "二"]
 
 
+def test_folder_leaves_out_hidden_files_and_a_bracketed_name_is_a_file(tmp_path: Path):
+    """A notebook's .ipynb_checkpoints/ copy would repeat documents; "[" in a real name."""
+    (tmp_path / "a.txt").write_text("甲\n", encoding="utf-8")
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / ".ipynb_checkpoints" / "a-checkpoint.txt").write_text("甲\n", encoding="utf-8")
+    (tmp_path / ".draft.txt").write_text("丙\n", encoding="utf-8")
+    assert list(open_corpus(DataConfig(corpus=str(tmp_path))).documents()) == ["甲"]
+    named = tmp_path / "notes[1].txt"
+    named.write_text("乙\n", encoding="utf-8")
+    assert list(open_corpus(DataConfig(corpus=str(named))).documents()) == ["乙"]
+
+
 def test_folder_takes_upper_case_extensions(tmp_path: Path):
     """A folder lists the files ``auto`` can read as a single path: ``A.TXT`` is text."""
     (tmp_path / "A.TXT").write_text("甲\n", encoding="utf-8")

@@ -135,18 +135,23 @@ def open_corpus(cfg: DataConfig) -> Corpus:
 
 
 def _resolve_paths(spec: str) -> list[Path]:
-    """A file, a directory (its corpus files, recursively) or a glob; sorted for determinism."""
-    if any(ch in spec for ch in "*?["):
+    """A file, a directory (its corpus files, recursively, hidden ones left out) or a glob;
+    sorted for determinism."""
+    path = Path(spec).expanduser()
+    if any(ch in spec for ch in "*?[") and not path.exists():  # "notes[1].txt" is a file
         pattern = os.path.expanduser(spec)
         matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
         if not matches:
             raise UserError(f"data.corpus = {spec!r}: the glob matches no files")
         return matches
-    path = Path(spec).expanduser()
     if path.is_dir():
         found = sorted(
-            p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _EXTENSIONS
-        )
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in _EXTENSIONS
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )  # hidden: .ipynb_checkpoints/ would repeat documents
         if not found:
             raise UserError(f"data.corpus = {spec!r}: the folder holds no .txt/.jsonl/.parquet")
         return found

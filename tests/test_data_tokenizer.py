@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import unicodedata
 from pathlib import Path
 
@@ -99,3 +100,15 @@ def test_reuse_errors(tmp_path: Path, trained: Path):
         load_tokenizer(bad, 3000)
     with pytest.raises(UserError, match=r"tokenizer\.json.*more than model\.vocab_size = 100"):
         load_tokenizer(trained, 100)
+
+
+def test_reuse_refuses_an_id_beyond_the_vocabulary(tmp_path: Path, trained: Path):
+    """Few tokens, but ids with a gap: the largest id must fit the embedding table too."""
+    spec = json.loads(trained.read_text(encoding="utf-8"))
+    vocab = spec["model"]["vocab"]
+    last = max(vocab, key=vocab.get)
+    vocab[last] = 5000  # beyond vocab_size 3000, though the tokenizer still has <= 3000 tokens
+    gapped = tmp_path / "gapped.json"
+    gapped.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(UserError, match=r"token id 5000 does not fit model\.vocab_size = 3000"):
+        load_tokenizer(gapped, 3000)

@@ -134,6 +134,11 @@ def load_tokenizer(path: Path, vocab_size: int, *, key: str = "data.tokenizer") 
             f"{key} = {str(path)!r}: {tokenizer.get_vocab_size()} tokens, more than "
             f"model.vocab_size = {vocab_size}"
         )
+    top = max(tokenizer.get_vocab(with_added_tokens=True).values())
+    if top >= vocab_size:  # ids with gaps: few tokens, yet one beyond the embedding table
+        raise UserError(
+            f"{key} = {str(path)!r}: token id {top} does not fit model.vocab_size = {vocab_size}"
+        )
     return tokenizer
 
 

@@ -179,8 +179,12 @@ def save_sharded(
     state = _global_views({"model": shards, "optim": osd}, experts)
     try:
         dcp.save(state, checkpoint_id=str(directory / DCP_DIR))
-    except CheckpointException as exc:  # a BaseException, on every rank: its first rank's error
-        raise min(exc.failures.items())[1][0] from None  # an OSError for a full disk, say
+    except CheckpointException as exc:  # a BaseException, raised on every rank
+        mine = exc.failures.get(dist.get_rank())
+        if mine is not None:  # this rank's own error: an OSError for a full disk, say
+            raise mine[0] from None
+        # Another rank's failure: that rank raises it, and the save's agreement round
+        # (shard_checkpoint._all_or_none) fails the checkpoint on every rank.
 
 
 def load_sharded(

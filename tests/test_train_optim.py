@@ -53,3 +53,30 @@ def test_decay_only_on_matrices_and_tied_embedding_once():
     everything = decay["params"] + no_decay["params"]
     assert len({id(p) for p in everything}) == len(everything) == len(list(model.parameters()))
     assert any(p is model.embed.weight for p in decay["params"])
+
+
+def test_resume_with_more_steps_follows_the_new_cosine_from_its_first_step():
+    # A run saved after 6 of 10 steps and resumed with train.steps = 20: step 6 already uses
+    # the recomputed cosine (docs/training.md, "Resume"), not the lr saved in the optimizer.
+    from myriad.train.state import Progress, restore_trainer_state, trainer_state
+
+    short = tiny_config(lr=1e-3, steps=10, warmup_steps=2, min_lr_ratio=0.1)
+    model = MoETransformerLM(short.model)
+    opt = build_optimizer(model, short.train, torch.device("cpu"))
+    sched = build_scheduler(opt, short.train)
+    for _ in range(6):
+        opt.step()
+        sched.step()
+    state = trainer_state(Progress(step=6), opt, sched, {})
+
+    long = tiny_config(lr=1e-3, steps=20, warmup_steps=2, min_lr_ratio=0.1)
+    opt2 = build_optimizer(model, long.train, torch.device("cpu"))
+    sched2 = build_scheduler(opt2, long.train)
+    restore_trainer_state(state, opt2, sched2)
+    seen = []
+    for _ in range(3):
+        seen.append(opt2.param_groups[0]["lr"])
+        opt2.step()
+        sched2.step()
+    assert seen == pytest.approx([lr_at(s, long.train) for s in range(6, 9)], rel=1e-12)
+    assert all(g["lr"] == opt2.param_groups[0]["lr"] for g in opt2.param_groups)

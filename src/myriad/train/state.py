@@ -107,6 +107,10 @@ def restore_trainer_state(
         for group, values in zip(optimizer.param_groups, saved["param_groups"], strict=True):
             group.update(values)
     scheduler.load_state_dict(state["scheduler"])
+    # The groups' lr came back as saved; recompute it from this run's schedule at the saved step,
+    # so a run whose ``train.steps`` was raised follows the new cosine from its first step.
+    scheduler.last_epoch -= 1
+    scheduler.step()
     return Progress(
         step=int(state["step"]),
         tokens_seen=int(state["tokens_seen"]),

@@ -208,16 +208,17 @@ def _read_jsonl(path: Path, field: str) -> Iterator[str]:
                 raise UserError(
                     f"{path}:{lineno}: no field {field!r} in this JSON line (see data.text_field)"
                 )
-            text = record[field]
-            if text is None:
-                continue
-            if not isinstance(text, str):
-                raise UserError(
-                    f"{path}:{lineno}: field {field!r} holds {type(text).__name__}, not text"
-                )
-            text = text.strip()
-            if text:
+            if text := _stripped(record[field], f"{path}:{lineno}: field {field!r}"):
                 yield text
+
+
+def _stripped(value: Any, where: str) -> str:
+    """A record's text, stripped ('' for null, which is skipped); any other type is an error."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise UserError(f"{where} holds {type(value).__name__}, not text")
+    return value.strip()
 
 
 def _read_parquet(path: Path, field: str) -> Iterator[str]:
@@ -235,15 +236,8 @@ def _read_parquet(path: Path, field: str) -> Iterator[str]:
         )
     try:  # a damaged page shows only when its rows are read
         for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[field]):
-            for text in batch.column(0).to_pylist():
-                if text is None:
-                    continue
-                if not isinstance(text, str):
-                    raise UserError(
-                        f"{path}: column {field!r} holds {type(text).__name__}, not text"
-                    )
-                text = text.strip()
-                if text:
+            for value in batch.column(0).to_pylist():
+                if text := _stripped(value, f"{path}: column {field!r}"):
                     yield text
     except (pa.ArrowException, OSError) as exc:
         raise UserError(f"{path}: not a readable Parquet file ({exc})") from None

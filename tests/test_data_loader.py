@@ -105,7 +105,7 @@ def test_guard_rejects_changed_data_or_seed(data: PreparedData):
 
 
 def test_heldout_fixed_and_disjoint(data: PreparedData):
-    total = data.num_heldout_sequences + data.num_train_sequences
+    total = json.loads((data.cache_dir / "meta.json").read_text())["num_sequences"]
     assert data.num_heldout_sequences == round(0.05 * total)
     assert not set(data.train_rows.tolist()) & set(data.heldout_rows.tolist())
     a = data.heldout_batches(batch_size=4, max_batches=2, seed=0)
@@ -116,6 +116,25 @@ def test_heldout_fixed_and_disjoint(data: PreparedData):
     heldout = {row for x in every for row in _originals(x)}
     train = set(_originals(data.train_stream(data.num_train_sequences, seed=0).next_batch()))
     assert len(train) == data.num_train_sequences and not heldout & train
+
+
+def test_no_document_lies_in_both_splits(data: PreparedData):
+    """Number every document in the packed stream; train and held-out rows share none."""
+    ids_NS = np.memmap(data.cache_dir / "ids.bin", dtype=np.uint16, mode="r")
+    ids_NS = ids_NS.reshape(-1, data.seq_len)
+    sep, specials = data.special_ids["sep"], list(data.special_ids.values())
+    body = ids_NS[:, 1:]
+    document = np.cumsum(body == sep).reshape(body.shape) - (body == sep)  # a [SEP] ends its own
+    content = ~np.isin(body, specials)
+
+    def documents(rows: np.ndarray) -> set[int]:
+        return set(document[rows][content[rows]].tolist())
+
+    heldout = documents(data.heldout_rows)
+    assert heldout and not documents(data.train_rows) & heldout
+    sharing = {r for r in range(len(ids_NS)) if documents(np.array([r])) & heldout}
+    left_out = set(range(len(ids_NS))) - set(data.train_rows.tolist())
+    assert left_out == sharing  # only those rows are kept out of training
 
 
 def _originals(batch: dict[str, torch.Tensor]) -> list[tuple[int, ...]]:

@@ -122,3 +122,21 @@ def test_heldout_split(n: int, fraction: float, held: int):
     assert len(heldout) == held and len(train) == n - held
     assert not set(train.tolist()) & set(heldout.tolist())
     assert sorted(train.tolist() + heldout.tolist()) == list(range(n))
+
+
+def test_one_long_document_still_trains_and_says_so(tmp_path: Path):
+    """Every row shares the only document with the held-out row: nothing would be left to
+    train on, so the rows stay in training and the report says the splits share it."""
+    (tmp_path / "long.txt").write_text("甲乙丙丁戊己庚辛壬癸" * 3 + "\n", encoding="utf-8")
+    lines: list[str] = []
+    cfg = DataConfig(corpus=str(tmp_path / "long.txt"), seq_len=8)
+    data = prepare_data(
+        cfg,
+        vocab_size=200,
+        objective="mlm",
+        out_dir=tmp_path / "run",
+        seed=0,
+        progress=lines.append,
+    )
+    assert (data.num_train_sequences, data.num_heldout_sequences) == (4, 1)
+    assert "held-out sequences share documents with training ones" in lines[-1]

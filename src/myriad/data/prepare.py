@@ -47,7 +47,8 @@ class PreparedData:
     Attributes:
         tokenizer_path: ``out_dir/tokenizer.json``.
         vocab_size: the tokenizer's actual size (<= the model's ``vocab_size``).
-        num_train_sequences: sequences in the training split.
+        num_train_sequences: sequences in the training split (none shares a document with a
+            held-out one, unless the corpus is too small to keep them apart).
         num_heldout_sequences: sequences kept out for held-out loss (>= 1).
         num_tokens: document tokens in the corpus ([CLS]/[SEP]/[PAD] not counted).
         special_ids: ``pad``, ``unk``, ``cls``, ``sep``, ``mask`` -> id.
@@ -140,6 +141,37 @@ def heldout_split(num_sequences: int, fraction: float) -> tuple[np.ndarray, np.n
     heldout = np.floor((np.arange(count) + 0.5) * num_sequences / count).astype(np.int64)
     train = np.setdiff1d(np.arange(num_sequences, dtype=np.int64), heldout)
     return train, heldout
+
+
+def sharing_rows(ids_NS: np.ndarray, rows: np.ndarray, sep_id: int) -> np.ndarray:
+    """Rows not in ``rows`` that hold part of a document that also lies in one of ``rows``.
+
+    Documents run across sequence boundaries, so the neighbours of a held-out row usually hold
+    the rest of its documents; training on them would let held-out loss see trained context.
+    Reads only the rows it walks.
+    """
+    n, found = len(ids_NS), set()
+
+    def runs_on(r: int) -> bool:  # row r's last document has tokens in row r + 1
+        return bool(ids_NS[r, -1] != sep_id and ids_NS[r + 1, 1] != sep_id)
+
+    def ends_a_document(r: int) -> bool:  # so the walk stops at row r
+        return bool((ids_NS[r, 1:] == sep_id).any())
+
+    for row in rows.tolist():
+        r = row
+        while r + 1 < n and runs_on(r):
+            r += 1
+            found.add(r)
+            if ends_a_document(r):
+                break
+        r = row
+        while r > 0 and runs_on(r - 1):
+            r -= 1
+            found.add(r)
+            if ends_a_document(r):
+                break
+    return np.setdiff1d(np.fromiter(found, np.int64, len(found)), rows)
 
 
 def _validate(cfg: DataConfig, vocab_size: int, objective: str) -> None:
@@ -259,6 +291,12 @@ def prepare_data(
         )
     train_rows, heldout_rows = heldout_split(meta["num_sequences"], cfg.heldout_fraction)
     ids = special_ids(tokenizer)
+    shared = sharing_rows(packed.ids_NS, heldout_rows, ids["sep"])
+    if len(shared) < len(train_rows):
+        train_rows = np.setdiff1d(train_rows, shared)
+        guard = f"; {len(shared):,} sharing a document with held-out ones left out"
+    else:  # a corpus of one long document: keep training on it, and say so
+        guard = "; held-out sequences share documents with training ones (too few documents)"
     spec = MaskingSpec(
         mask_prob=cfg.mask_prob,
         mask_id=ids["mask"],
@@ -270,6 +308,7 @@ def prepare_data(
     report(
         f"{meta['num_documents']:,} documents, {meta['num_tokens']:,} tokens, "
         f"{len(train_rows):,} train + {len(heldout_rows):,} held-out sequences of {cfg.seq_len}"
+        f"{guard}"
     )
     return PreparedData(
         tokenizer_path=tokenizer_path,

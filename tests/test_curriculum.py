@@ -47,16 +47,19 @@ def test_competence_schedule_by_hand():
     assert competence_at(0, dataclasses.replace(CUR, order="none")) == 1.0
 
 
-def test_length_and_rarity_scores_by_hand():
-    cls, sep = 2, 3
-    ids_NS = np.array([[cls, 5, sep, 6], [cls, 6, 6, 6]], dtype=np.uint16)
-    # Stream after [CLS]: 5 SEP | 6 6 6 6 -> document lengths 2 and 4 (the SEP counts).
-    lengths = difficulty_scores(ids_NS, "length", sep, [0, 1, cls, sep, 4])
-    np.testing.assert_allclose(lengths, [(2 + 2 + 4) / 3, 4.0])
-    # Non-special tokens: 5 once, 6 four times -> surprisal -log(1/5), -log(4/5).
-    rarity = difficulty_scores(ids_NS, "rarity", sep, [0, 1, cls, sep, 4])
-    s5, s6 = -math.log(1 / 5), -math.log(4 / 5)
-    np.testing.assert_allclose(rarity, [(s5 + s6) / 2, s6])
+@pytest.mark.parametrize("block_rows", [1, 2, 1 << 14])
+def test_length_and_rarity_scores_by_hand(block_rows: int, monkeypatch):
+    monkeypatch.setattr("myriad.data.curriculum._SCORE_BLOCK_ROWS", block_rows)
+    pad, cls, sep = 0, 2, 3
+    ids_NS = np.array([[cls, 5, sep, 6], [cls, 6, 6, sep], [cls, 7, sep, pad]], dtype=np.uint16)
+    # Stream after [CLS]: 5 SEP | 6 6 6 SEP | 7 SEP | PAD -> document lengths 2, 4 and 2 (the
+    # SEP counts); the final padding is no document.
+    lengths = difficulty_scores(ids_NS, "length", sep, [pad, 1, cls, sep, 4])
+    np.testing.assert_allclose(lengths, [(2 + 2 + 4) / 3, 4.0, 2.0])
+    # Non-special tokens: 5 and 7 once, 6 three times -> surprisal -log(1/5), -log(3/5).
+    rarity = difficulty_scores(ids_NS, "rarity", sep, [pad, 1, cls, sep, 4])
+    s1, s6 = -math.log(1 / 5), -math.log(3 / 5)
+    np.testing.assert_allclose(rarity, [(s1 + s6) / 2, s6, s1])
     assert list(rank_rows(np.array([3.0, 1.0, 2.0, 1.0]), [0, 1, 2, 3])) == [1, 3, 2, 0]
 
 

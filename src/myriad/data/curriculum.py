@@ -25,7 +25,7 @@ schedules pure functions of that count, a resumed run gets bit-identical batches
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,6 +37,7 @@ from myriad.errors import UserError
 
 ORDERS = ("none", "length", "rarity")
 _ORDER_ROWS, _ORDER_MASK = 11, 12  # stream tags, distinct from the loader's
+_SCORE_BLOCK_ROWS = 1 << 14  # rows read at a time when scoring (16 k x 128 tokens = 16 MB int64)
 
 
 def is_enabled(cfg: CurriculumConfig) -> bool:
@@ -85,25 +86,60 @@ def competence_at(step: int, cfg: CurriculumConfig) -> float:
 def difficulty_scores(
     ids_NS: np.ndarray, kind: str, sep_id: int, special_ids: Sequence[int]
 ) -> np.ndarray:
-    """One float per packed row (higher is harder); see the module docstring for the kinds."""
-    body_NS = np.asarray(ids_NS[:, 1:], dtype=np.int64)  # column 0 is [CLS], not document text
-    flat = body_NS.reshape(-1)
+    """One float per packed row (higher is harder); see the module docstring for the kinds.
+
+    Reads the memory-mapped rows in blocks, so the cache is never held in memory as int64.
+    """
     if kind == "length":
-        # A [SEP] ends its document: the document index of a token counts the [SEP]s before it.
-        is_sep = flat == sep_id
-        doc = np.cumsum(is_sep) - is_sep
-        doc_len = np.bincount(doc)
-        return doc_len[doc].reshape(body_NS.shape).mean(axis=1).astype(np.float64)
+        return _length_scores(ids_NS, sep_id)
     if kind == "rarity":
-        # A special such as [MASK] never occurs in the data and may hold the largest id.
-        size = max([int(flat.max()), *special_ids]) + 1
-        counts = np.bincount(flat, minlength=size).astype(np.float64)
-        counts[list(special_ids)] = 0
-        surprisal = -np.log(np.maximum(counts, 1) / max(counts.sum(), 1))
-        plain_NS = ~np.isin(body_NS, list(special_ids))
-        total = (surprisal[body_NS] * plain_NS).sum(axis=1)
-        return total / np.maximum(plain_NS.sum(axis=1), 1)
+        return _rarity_scores(ids_NS, special_ids)
     raise UserError(f"data.curriculum.order must be one of {ORDERS}, got {kind!r}")
+
+
+def _blocks(ids_NS: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, int64 block of rows) without column 0 ([CLS], not document text)."""
+    for start in range(0, len(ids_NS), _SCORE_BLOCK_ROWS):
+        yield start, np.asarray(ids_NS[start : start + _SCORE_BLOCK_ROWS, 1:], dtype=np.int64)
+
+
+def _length_scores(ids_NS: np.ndarray, sep_id: int) -> np.ndarray:
+    # A [SEP] ends its document: a token's document index counts the [SEP]s before it in the
+    # stream. Tokens after the last [SEP] are the final row's padding, not a document.
+    body = ids_NS.shape[1] - 1
+    ends = np.concatenate(
+        [np.flatnonzero(block == sep_id) + start * body for start, block in _blocks(ids_NS)]
+    )
+    scores = np.zeros(len(ids_NS))
+    if len(ends) == 0:
+        return scores
+    doc_len = np.diff(ends, prepend=-1)  # tokens per document, its [SEP] included
+    for start, block in _blocks(ids_NS):
+        is_sep = block == sep_id
+        before = np.searchsorted(ends, start * body)  # documents ended before this block
+        doc = before + np.cumsum(is_sep).reshape(block.shape) - is_sep
+        inside = doc < len(ends)
+        lengths = doc_len[np.minimum(doc, len(ends) - 1)] * inside
+        scores[start : start + len(block)] = lengths.sum(1) / np.maximum(inside.sum(1), 1)
+    return scores
+
+
+def _rarity_scores(ids_NS: np.ndarray, special_ids: Sequence[int]) -> np.ndarray:
+    # A special such as [MASK] never occurs in the data and may hold the largest id.
+    counts = np.zeros(max(special_ids, default=0) + 1)
+    for _, block in _blocks(ids_NS):
+        found = np.bincount(block.reshape(-1))
+        if len(found) > len(counts):
+            counts = np.pad(counts, (0, len(found) - len(counts)))
+        counts[: len(found)] += found
+    counts[list(special_ids)] = 0
+    surprisal = -np.log(np.maximum(counts, 1) / max(counts.sum(), 1))
+    scores = np.zeros(len(ids_NS))
+    for start, block in _blocks(ids_NS):
+        plain = ~np.isin(block, list(special_ids))
+        total = (surprisal[block] * plain).sum(1)
+        scores[start : start + len(block)] = total / np.maximum(plain.sum(1), 1)
+    return scores
 
 
 def rank_rows(scores_N: np.ndarray, rows: Sequence[int] | np.ndarray) -> np.ndarray:

@@ -64,7 +64,9 @@ def test_whole_word_masking():
     ids = _ids((32, 512), seed=3)
     g = torch.Generator().manual_seed(5)
     starts = torch.rand(ids.shape, generator=g) < 0.4  # words of ~2.5 pieces
-    starts |= torch.isin(ids, torch.tensor(SPECIALS))
+    special = torch.isin(ids, torch.tensor(SPECIALS))
+    starts |= special
+    starts[:, 1:] |= special[:, :-1]  # a special is a word of its own, as the loader marks it
     starts[:, 0] = True
     _, labels = mask_tokens(ids, _spec(whole_word=True), torch.Generator().manual_seed(0), starts)
     chosen = labels != IGNORE_INDEX
@@ -80,6 +82,18 @@ def test_whole_word_masking():
                 n_chosen_words += int(piece.all())
     assert _within(n_chosen_words, n_words, 0.15)
     assert (chosen & ~starts).any()  # continuation pieces do get masked
+
+
+def test_word_opening_with_unk_is_still_masked_whole():
+    # [UNK] (id 1) is never a target, but the pieces after it in the same word are, together.
+    ids = torch.tensor([[2, 1, 50, 51, 60]]).repeat(4000, 1)
+    starts = torch.tensor([[True, True, False, False, True]]).repeat(4000, 1)
+    _, labels = mask_tokens(ids, _spec(whole_word=True), torch.Generator().manual_seed(0), starts)
+    chosen = labels != IGNORE_INDEX
+    assert not chosen[:, :2].any()
+    assert torch.equal(chosen[:, 2], chosen[:, 3])
+    assert _within(int(chosen[:, 2].sum()), 4000, 0.15)
+    assert _within(int(chosen[:, 4].sum()), 4000, 0.15)
 
 
 def test_causal_labels():

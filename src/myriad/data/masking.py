@@ -55,14 +55,19 @@ def _select(
     draw_BS = torch.rand(input_ids_BS.shape, generator=generator) < spec.mask_prob
     if not spec.whole_word or word_starts_BS is None:
         return eligible_BS & draw_BS
-    # Decide at each word's first token, then copy the decision to the word's other pieces:
-    # start_pos_BS[b, s] is the position of the word start at or before s.
+    # Decide at each word's first eligible token (a word may open with [UNK]), then copy the
+    # decision to the word's later pieces. cummax over positions finds, for every s, the
+    # latest word start and the latest decision point at or before s.
     S = input_ids_BS.shape[1]
     positions_BS = torch.arange(S).expand_as(input_ids_BS)
     starts_BS = word_starts_BS.bool().clone()
     starts_BS[:, 0] = True
     start_pos_BS = torch.cummax(torch.where(starts_BS, positions_BS, 0), dim=1).values
-    word_chosen_BS = (eligible_BS & draw_BS).gather(1, start_pos_BS)
+    last_eligible_BS = torch.cummax(torch.where(eligible_BS, positions_BS, -1), dim=1).values
+    before_BS = torch.nn.functional.pad(last_eligible_BS[:, :-1], (1, 0), value=-1)
+    decides_BS = eligible_BS & (before_BS < start_pos_BS)
+    decision_pos_BS = torch.cummax(torch.where(decides_BS, positions_BS, 0), dim=1).values
+    word_chosen_BS = (eligible_BS & draw_BS).gather(1, decision_pos_BS)
     return word_chosen_BS & eligible_BS
 
 

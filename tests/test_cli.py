@@ -135,6 +135,8 @@ def test_console_script_exit_status(tmp_path):
         ("train.beta1=1.5", "train.beta1 must be in [0, 1), got 1.5"),
         ("train.eps=-1", "train.eps must be >= 0, got -1.0"),
         ("train.warmup_steps=-5", "train.warmup_steps must be >= 0, got -5"),
+        ("train.keep_checkpoints=-1", "train.keep_checkpoints must be >= 0 (0 keeps all), got -1"),
+        ("train.grad_clip=-1", "train.grad_clip must be >= 0 (0 never clips), got -1.0"),
     ],
 )
 def test_bad_optimizer_setting_names_the_key_and_writes_nothing(

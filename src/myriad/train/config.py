@@ -25,7 +25,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     eval_every: int = 50  # held-out loss every N steps (and at the end)
-    eval_batches: int = 8
+    eval_batches: int = 8  # held-out batches per evaluation; 0 uses every held-out sequence
     checkpoint_every: int = 100  # and always at the end
     keep_checkpoints: int = 3  # newest step-* directories kept; 0 keeps every checkpoint
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...

@@ -251,6 +251,9 @@ def _validate(cfg: RunConfig) -> None:
         ("weight_decay", t.weight_decay, t.weight_decay >= 0, ">= 0"),
         ("min_lr_ratio", t.min_lr_ratio, 0 <= t.min_lr_ratio <= 1, "in [0, 1]"),
         ("warmup_steps", t.warmup_steps, t.warmup_steps >= 0, ">= 0"),
+        ("grad_clip", t.grad_clip, t.grad_clip >= 0, ">= 0 (0 never clips)"),
+        ("eval_batches", t.eval_batches, t.eval_batches >= 0, ">= 0 (0 uses them all)"),
+        ("keep_checkpoints", t.keep_checkpoints, t.keep_checkpoints >= 0, ">= 0 (0 keeps all)"),
     ):
         if not ok:
             raise UserError(f"train.{name} must be {allowed}, got {number}")

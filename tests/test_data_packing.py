@@ -140,3 +140,17 @@ def test_one_long_document_still_trains_and_says_so(tmp_path: Path):
     )
     assert (data.num_train_sequences, data.num_heldout_sequences) == (4, 1)
     assert "held-out sequences share documents with training ones" in lines[-1]
+
+
+def test_corpus_error_mid_pack_leaves_no_partial_cache(tmp_path: Path):
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(f'{{"text": "{d}"}}\n' for d in DOCS * 3000), encoding="utf-8")
+    first = _prepare(tmp_path, str(corpus), seq_len=8)
+    tokenizer = tmp_path / "tokenizer.json"  # reused, so the bad line is met while packing
+    tokenizer.write_bytes(first.tokenizer_path.read_bytes())
+    with corpus.open("a", encoding="utf-8") as handle:
+        handle.write('{"text": "公园\n')  # the last line is cut off
+    with pytest.raises(UserError, match="not valid JSON"):
+        _prepare(tmp_path, str(corpus), seq_len=8, tokenizer=str(tokenizer))
+    packed = sorted(p.name for p in (tmp_path / "run" / "data").glob("packed-*"))
+    assert packed == [first.cache_dir.name]  # no .tmp-<pid> folder beside it

@@ -128,6 +128,10 @@ class _Packer:
             ids = np.concatenate([self.carry_ids, np.full(pad, self.pad_id, self.dtype)])
             starts = np.concatenate([self.carry_starts, np.ones(pad, np.uint8)])
             self._write(ids, starts, 1)
+        self.discard()
+
+    def discard(self) -> None:
+        """Close the files (on failure, without writing the partial sequence)."""
         self.ids_file.close()
         self.starts_file.close()
 
@@ -155,17 +159,43 @@ def pack_corpus(
         The opened cache.
     """
     specials = special_ids(tokenizer)
-    cls_id, sep_id, pad_id = specials["cls"], specials["sep"], specials["pad"]
-    vocab = tokenizer.get_vocab()
     vocab_size = tokenizer.get_vocab_size()
-    is_piece = np.zeros(vocab_size, dtype=bool)
-    is_piece[[i for tok, i in vocab.items() if tok.startswith("##")]] = True
     dtype = token_dtype(vocab_size)
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    packer = _Packer(tmp, seq_len, dtype, cls_id, pad_id)
-    sep_ids, one = np.array([sep_id], dtype=dtype), np.ones(1, np.uint8)
+    packer = _Packer(tmp, seq_len, dtype, specials["cls"], specials["pad"])
+    try:
+        num_docs, num_doc_tokens = _pack_documents(corpus, tokenizer, packer, progress)
+        packer.close()
+    except BaseException:  # a bad document or an interrupt: leave no partial cache behind
+        packer.discard()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    sidecar = {
+        **meta,
+        "format_version": FORMAT_VERSION,
+        "seq_len": seq_len,
+        "dtype": dtype.name,
+        "vocab_size": vocab_size,
+        "num_documents": num_docs,
+        "num_tokens": num_doc_tokens,  # document tokens, without [CLS]/[SEP]/[PAD]
+        "num_sequences": packer.num_sequences,
+    }
+    (tmp / "meta.json").write_text(json.dumps(sidecar, indent=1), encoding="utf-8")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return open_packed(folder)
+
+
+def _pack_documents(
+    corpus: Corpus, tokenizer: Tokenizer, packer: _Packer, progress: Progress | None
+) -> tuple[int, int]:
+    """Encode every document into ``packer``; returns (documents, document tokens)."""
+    is_piece = np.zeros(tokenizer.get_vocab_size(), dtype=bool)
+    is_piece[[i for tok, i in tokenizer.get_vocab().items() if tok.startswith("##")]] = True
+    dtype = packer.dtype
+    sep_ids, one = np.array([special_ids(tokenizer)["sep"]], dtype=dtype), np.ones(1, np.uint8)
     items = corpus.word_lists() if corpus.has_gold_words else corpus.documents()
     num_docs = num_doc_tokens = 0
     for batch in _batched(items, _ENCODE_BATCH_DOCS):
@@ -185,18 +215,4 @@ def pack_corpus(
         num_docs += len(batch)
         if progress and num_docs % (8 * _ENCODE_BATCH_DOCS) < len(batch):
             progress(f"packed {num_docs:,} documents, {num_doc_tokens:,} tokens")
-    packer.close()
-    sidecar = {
-        **meta,
-        "format_version": FORMAT_VERSION,
-        "seq_len": seq_len,
-        "dtype": dtype.name,
-        "vocab_size": vocab_size,
-        "num_documents": num_docs,
-        "num_tokens": num_doc_tokens,  # document tokens, without [CLS]/[SEP]/[PAD]
-        "num_sequences": packer.num_sequences,
-    }
-    (tmp / "meta.json").write_text(json.dumps(sidecar, indent=1), encoding="utf-8")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    return open_packed(folder)
+    return num_docs, num_doc_tokens

@@ -219,6 +219,17 @@ def test_bad_finetune_flag_names_it(tiny, tmp_path, capsys, flag, value):
     assert not (tmp_path / "ft").exists()
 
 
+def test_unknown_device_names_the_flag(tiny, tmp_path, capsys):
+    run, data = tiny
+    args = ["finetune", "--checkpoint", str(run), "--task", "jsonl", "--data-dir", str(data)]
+    code, err = _cli([*args, "--out", str(tmp_path / "ft"), "--device", "gpu0"], capsys)
+    assert (code, err) == (
+        2,
+        "myriad: error: --device: unknown device 'gpu0'; use auto, cpu or cuda[:N]",
+    )
+    assert not (tmp_path / "ft").exists()
+
+
 def test_evaluate_bad_out_or_damaged_tokenizer_is_one_line(tiny, tmp_path, capsys):
     run, data = tiny
     ft = tmp_path / "ft"

@@ -186,7 +186,7 @@ def run_finetune(
     backbone, run_cfg, tokenizer, tok_path = load_backbone(
         checkpoint, tokenizer_path, from_scratch=cfg.from_scratch, seed=cfg.seed
     )
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "--device")
     model = SequenceClassifier(backbone, len(task.labels), cfg.dropout).to(device)
     max_len = min(cfg.max_len, run_cfg.model.max_seq_len)
     enc = {s: encode_examples(tokenizer, ex, task.labels, max_len) for s, ex in task.splits.items()}

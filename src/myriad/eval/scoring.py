@@ -66,7 +66,7 @@ def evaluate_finetuned(
             f"--task {task.name}: labels {list(task.labels.labels)[:10]} differ from those "
             f"{folder} was fine-tuned on {config['labels'][:10]}"
         )
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(device, "--device")
     model.to(torch_device)
     max_len = int(config["finetune"]["max_len"])
     max_len = min(max_len, model.backbone.cfg.max_seq_len)

@@ -17,20 +17,17 @@ from myriad.errors import UserError
 AutocastFactory = Callable[[], AbstractContextManager]
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when present, else CPU; an unavailable explicit device is a user error."""
+def resolve_device(name: str, setting: str = "train.device") -> torch.device:
+    """``auto`` is CUDA when present, else CPU; an unavailable explicit device is a user error
+    naming ``setting`` (the recipe key, or the command's flag)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(
-            f"train.device: unknown device {name!r}; use auto, cpu or cuda[:N]"
-        ) from None
+        raise UserError(f"{setting}: unknown device {name!r}; use auto, cpu or cuda[:N]") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(
-            f"train.device is {name!r} but no CUDA device is available; use auto or cpu"
-        )
+        raise UserError(f"{setting} is {name!r} but no CUDA device is available; use auto or cpu")
     return device
 
 

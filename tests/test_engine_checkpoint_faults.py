@@ -244,6 +244,19 @@ def test_damaged_shard_file_error_names_the_file(tmp_path):
     assert not (tmp_path / "m.safetensors").exists()
 
 
+def test_export_that_cannot_finish_leaves_no_file_or_new_folder(tmp_path):
+    """The disk fills mid-export: one line naming the output; neither the file nor the folders
+    made for it remain."""
+    _, _, engine = _tiny_run()
+    save_shards(engine, tmp_path / "shards")
+    out = tmp_path / "new" / "dir" / "m.safetensors"
+    with pytest.raises(UserError) as caught, file_size_limit(4096):
+        checkpoint.export_weights(tmp_path / "shards", out)
+    message = str(caught.value)
+    assert message.startswith(f"cannot write {out}: ") and "File too large" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
+
+
 def test_shard_files_of_other_ranks_are_not_a_complete_set(tmp_path):
     """As many files as the world size, but not ranks 0..W-1 (a rank's files renamed or
     written under two spellings): refused, not read as a checkpoint."""

@@ -19,6 +19,7 @@ directories left by a killed process are removed by the next save.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -302,10 +303,20 @@ def export_weights(step_dir: Path, out: Path) -> Path:
     shapes, dtypes = _reading(step_dir, reader.shapes), _reading(step_dir, reader.dtypes)
     tensors = reader.tensors()
     each = (_reading(step_dir, lambda: next(tensors)) for _ in shapes)  # read errors: the shards
+    new_dirs = [d for d in (out.parent, *out.parent.parents) if not d.exists()]  # deepest first
     try:
         return write_streamed(out, shapes, each, dtypes)
-    except OSError as exc:  # what is left is the output's: a missing folder, a full disk
-        raise UserError(f"cannot write {out}: {exc}") from None
+    except BaseException as exc:  # a failed export leaves no folders made for its file
+        _remove_empty(new_dirs)
+        if isinstance(exc, OSError):  # the output's: a full disk, a folder it cannot write
+            raise UserError(f"cannot write {out}: {exc}") from None
+        raise
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    for d in dirs:
+        with contextlib.suppress(OSError):  # not empty (something else wrote there) or gone
+            d.rmdir()
 
 
 def _load_shard_weights(model: nn.Module, step_dir: Path, reader: Any) -> None:

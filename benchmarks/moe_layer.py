@@ -34,6 +34,7 @@ from functools import partial
 
 import torch
 
+from myriad.model import gemm_batch
 from myriad.model.config import MoEConfig
 from myriad.model.layers import SwiGLU
 from myriad.model.moe import MoEFeedForward
@@ -187,7 +188,10 @@ def bench_shape(shape, timer: Timer, device, dtype) -> list[dict]:
 
     layer = build_myriad(shape, dtype, device)
     notes["myriad"] = f"auto -> {layer.strategy_for(x)}"
-    for strategy in ["auto", "grouped", "padded"] + (["chunked"] if E > 1024 else []):
+    strategies = ["auto", "grouped", "padded"] + (["chunked"] if E > 1024 else [])
+    if device.type == "cpu" and dtype == torch.float32 and gemm_batch.available():
+        strategies.append("gemm_batch")  # MKL's batch GEMM, where Myriad's kernel cannot build
+    for strategy in strategies:
         impl = "myriad" if strategy == "auto" else f"myriad-{strategy}"
         steps[impl] = fwd_bwd(layer, partial(_run_myriad, layer, strategy), x, dy)
     for impl in ("grouped_mm", "eager"):
@@ -217,7 +221,7 @@ def bench_shape(shape, timer: Timer, device, dtype) -> list[dict]:
     rows.append(_row("weight traffic 3W/BW", name, traffic_s, flops, floor, note))
     note = f"router alone {results[ROUTER][0] * 1e3:.2f} ms, not in the floor"
     rows.append(_row("dense-ffn + router", name, dense_s + results[ROUTER][0], flops, floor, note))
-    order = ["myriad", "myriad-grouped", "myriad-padded", "myriad-chunked"]
+    order = ["myriad", "myriad-grouped", "myriad-padded", "myriad-gemm_batch", "myriad-chunked"]
     order += ["hf-mixtral-grouped_mm", "hf-mixtral-eager"]
     for impl in order:
         if impl in results:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from myriad.model import gemm_batch, moe_dispatch
+from myriad.model import cpu_kernels, gemm_batch, moe_dispatch
 from myriad.model.config import MoEConfig
 from myriad.model.layers import SwiGLU
 from myriad.model.moe import MoEFeedForward, choose_strategy
@@ -16,6 +16,17 @@ from myriad.model.moe_dispatch import STRATEGIES, padded_tiers
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 D, FF = 16, 8
+
+
+@pytest.fixture(autouse=True)
+def _skip_strategies_this_machine_lacks(request):
+    strategy = getattr(request.node, "callspec", None) and request.node.callspec.params.get(
+        "strategy"
+    )
+    if strategy == "cpu_kernel" and not cpu_kernels.available():
+        pytest.skip("Myriad's CPU kernel cannot be built here (no C compiler or no AVX2)")
+    if strategy == "gemm_batch" and not gemm_batch.available():
+        pytest.skip("this PyTorch build has no MKL")
 
 
 def make_layer(d=D, **kw) -> MoEFeedForward:
@@ -152,6 +163,10 @@ def test_1536_experts(strategy):
 
 def test_auto_strategy_by_shape(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    if cpu_kernels.available():  # Myriad's own kernel: every fp32 CPU shape
+        for rows, experts in ((4096, 8), (4096, 64), (2048, 256), (8 * 8192, 8)):
+            assert choose_strategy(rows, experts, cpu, torch.float32) == "cpu_kernel"
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)  # no C compiler
     if gemm_batch.available():  # MKL's grouped batch GEMM for many small experts in fp32
         assert choose_strategy(4096, 64, cpu, torch.float32) == "gemm_batch"
         assert choose_strategy(2048, 256, cpu, torch.float32) == "gemm_batch"
@@ -255,7 +270,7 @@ def test_reused_grad_buffers_stay_exact(strategy, monkeypatch):
     _train_step(layer, x2, g2)  # gradients were set to None: the buffers are reused
     for name, p in layer.named_parameters():
         torch.testing.assert_close(p.grad, ref2[name], **TOL, msg=name)
-    if strategy in ("padded", "loop", "gemm_batch"):  # wgrad takes out=: the same memory again
+    if strategy in ("padded", "loop", "gemm_batch", "cpu_kernel"):  # wgrad takes out=: reused
         assert all(getattr(layer, n).grad.data_ptr() == ptrs[n] for n in names)
     else:
         assert not {"w_in", "w_out"} & set(layer._grad_bufs._bufs)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from myriad.model import gemm_batch
+from myriad.model import cpu_kernels, gemm_batch
 from myriad.model.config import MoEConfig
 from myriad.model.layers import SwiGLU
 from myriad.model.moe_dispatch import (
@@ -38,9 +38,10 @@ from myriad.model.router import Routing, TopKRouter
 # 64 experts and 44 % at 512 (tied at 8), so CUDA takes it whenever one call can hold all experts.
 # Above that, chunked grouped_mm was 10 % behind padded at 1,536 experts (docs/benchmarks.md).
 GROUPED_MIN_ROWS_PER_EXPERT = {"cpu": 4096, "cuda": 0}
-# Below this mean load per expert the CPU in fp32 takes MKL's grouped batch GEMM: 1.08-1.26x the
-# padded bmm at 64 rows per expert, 1.00-1.20x at 8 rows; at 512 rows it was 0.92-0.98x on a
-# quiet machine, so padded keeps the few-expert shapes (docs/benchmarks.md, 2026-12-03).
+# Where Myriad's own CPU kernel cannot be built: below this mean load per expert the CPU in fp32
+# takes MKL's grouped batch GEMM: 1.08-1.26x the padded bmm at 64 rows per expert, 1.00-1.20x at
+# 8 rows; at 512 rows it was 0.92-0.98x on a quiet machine, so padded keeps the few-expert
+# shapes (docs/benchmarks.md, 2026-12-03).
 GEMM_BATCH_MAX_ROWS_PER_EXPERT = 256
 # CUDA's grouped matmul checks group_count < 1024, so at most 1,023 experts per call.
 MAX_GROUPS = 1023
@@ -63,12 +64,16 @@ def choose_strategy(
 ) -> str:
     """Pick the dispatch strategy for a shape: grouped when experts are busy, else padded.
 
-    On the CPU in fp32 with many small experts, MKL's grouped batch GEMM (``gemm_batch``)
-    wherever PyTorch ships it: no padding and one call for all experts. grouped_mm on CUDA
+    On the CPU in fp32, Myriad's own grouped GEMM (``cpu_kernel``) wherever it builds: no
+    padding, one call for all experts, faster than MKL at every load measured (docs/moe.md).
+    Else, with many small experts, MKL's grouped batch GEMM (``gemm_batch``) wherever PyTorch
+    ships it. grouped_mm on CUDA
     takes only bf16 and at most ``MAX_GROUPS`` experts per call; builds without a grouped
     matmul use the padded bmm (exact, and fast at every size we measured).
     """
     on_cuda = device.type == "cuda"
+    if not on_cuda and dtype == torch.float32 and cpu_kernels.available():
+        return "cpu_kernel"
     few_rows = num_assignments < GEMM_BATCH_MAX_ROWS_PER_EXPERT * num_experts
     if not on_cuda and dtype == torch.float32 and few_rows and gemm_batch.available():
         return "gemm_batch"

@@ -18,6 +18,9 @@ Only the row layout and the batched matmul differ between strategies (a :class:`
 * ``gemm_batch``: rows packed as for ``grouped``; MKL's grouped batch GEMM runs every expert's
   matmul, each with its own row count, in one call (CPU fp32 where PyTorch ships MKL). No
   padding and no per-expert dispatch: the CPU default when experts get few rows each.
+* ``cpu_kernel``: rows packed as for ``grouped``; Myriad's own AVX2 grouped GEMM
+  (``cpu_kernels``) runs every expert's matmul in one call, packing each weight slice once into
+  cache (CPU fp32 where it builds). The CPU default where available.
 * ``chunked``: ``grouped`` over chunks of at most ``max_groups`` experts (CUDA's grouped matmul
   takes fewer than 1,024 groups); one host sync reads the chunks' row boundaries.
 * ``loop``: one ``mm`` per expert; the exact fallback where no grouped matmul exists.
@@ -38,9 +41,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from myriad.model import gemm_batch
+from myriad.model import cpu_kernels, gemm_batch
 
-STRATEGIES = ("grouped", "padded", "gemm_batch", "chunked", "loop")
+STRATEGIES = ("grouped", "padded", "gemm_batch", "cpu_kernel", "chunked", "loop")
 # CPU: the expert SwiGLU keeps silu(gate) and silu(gate)*up for the backward instead of
 # recomputing them (two fewer elementwise passes, 2-4 % at 8 experts; costs 2 x (R, F) more
 # saved memory). On CUDA it recomputes them, as before.
@@ -56,6 +59,7 @@ class ExpertMatmul:
     """Per-expert matmuls over a row buffer: ``fwd`` x@w, ``dgrad`` dy@wᵀ, ``wgrad`` xᵀ@dy."""
 
     wgrad_out = False  # whether ``wgrad`` can write into a caller's buffer
+    fused_swiglu = False  # whether the expert SwiGLU uses Myriad's CPU elementwise kernels
 
     def fwd(self, x: torch.Tensor, w_EKN: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -277,6 +281,47 @@ class GemmBatchMatmul(ExpertMatmul):
         return dw_EKN
 
 
+class CpuKernelMatmul(ExpertMatmul):
+    """Rows packed by expert, every expert's product in one call of ``cpu_kernels`` (fp32 CPU).
+
+    Unlike MKL it reads operands through their strides: a transposed weight (dgrad) or a
+    transposed row block (wgrad) is never copied.
+    """
+
+    wgrad_out = True
+    fused_swiglu = True
+
+    def __init__(self, offs_E: torch.Tensor) -> None:
+        offs_E = offs_E.cpu()
+        self.rows_E = torch.diff(offs_E, prepend=offs_E.new_zeros(1))
+        self.starts_E = offs_E - self.rows_E
+
+    def fwd(self, x_RK, w_EKN):
+        E, K, N = w_EKN.shape
+        y_RN = x_RK.new_empty(x_RK.shape[0], N)
+        if y_RN.numel():
+            w_EKN = w_EKN if 1 in w_EKN.stride()[1:] else w_EKN.contiguous()
+            cpu_kernels.grouped_matmul(
+                x_RK, self.starts_E * x_RK.stride(0),
+                w_EKN, torch.arange(E) * w_EKN.stride(0),
+                y_RN, self.starts_E * N,
+                self.rows_E, N, K,
+            )  # fmt: skip
+        return y_RN
+
+    def wgrad(self, x_RK, dy_RN, out=None):
+        E, K, N = self.rows_E.numel(), x_RK.shape[1], dy_RN.shape[1]
+        dw_EKN = x_RK.new_empty(E, K, N) if out is None else out
+        dy_RN = dy_RN if 1 in dy_RN.stride() else dy_RN.contiguous()
+        cpu_kernels.grouped_matmul(  # experts with no rows get zeros (k = 0)
+            x_RK.t(), self.starts_E * x_RK.stride(0),
+            dy_RN, self.starts_E * dy_RN.stride(0),
+            dw_EKN, torch.arange(E) * dw_EKN.stride(0),
+            K, N, self.rows_E,
+        )  # fmt: skip
+        return dw_EKN
+
+
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     """``t`` with rows of unit stride, copied only when they are not."""
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -328,12 +373,19 @@ class _SwiGLUExperts(torch.autograd.Function):
     On CUDA only x and the pre-activation are saved and the backward recomputes silu(gate) and
     the product (two (R, F) tensors less memory); on the CPU they are kept
     (``SAVE_ACTIVATIONS_ON_CPU``). Either way one ``silu_backward`` writes dgate and dup straight
-    into dh instead of autograd's four separate elementwise kernels.
+    into dh instead of autograd's four separate elementwise kernels. With Myriad's CPU kernels
+    (``mm.fused_swiglu``) the elementwise part is one pass each way, and the sigmoid is kept in
+    place of silu(gate) so the backward needs no exp.
     """
 
     @staticmethod
     def forward(ctx, x, w_in_EDF2, w_out_EFD, mm: ExpertMatmul, bufs: GradBuffers | None):
         h_RF2 = mm.fwd(x, w_in_EDF2)
+        ctx.mm, ctx.bufs = mm, bufs
+        if mm.fused_swiglu:
+            sig, act = cpu_kernels.swiglu_forward(h_RF2)
+            ctx.save_for_backward(x, h_RF2, w_in_EDF2, w_out_EFD, sig, act)
+            return mm.fwd(act, w_out_EFD)
         gate, up = h_RF2.chunk(2, dim=-1)
         silu_gate = F.silu(gate)
         if x.device.type == "cpu" and SAVE_ACTIVATIONS_ON_CPU:
@@ -343,11 +395,11 @@ class _SwiGLUExperts(torch.autograd.Function):
         else:
             y = mm.fwd(silu_gate.mul_(up), w_out_EFD)
             ctx.save_for_backward(x, h_RF2, w_in_EDF2, w_out_EFD, None, None)
-        ctx.mm, ctx.bufs = mm, bufs
         return y
 
     @staticmethod
     def backward(ctx, dy):
+        # silu_gate: silu(gate), its sigmoid with fused_swiglu, or None (recomputed)
         x, h_RF2, w_in_EDF2, w_out_EFD, silu_gate, act = ctx.saved_tensors
         mm: ExpertMatmul = ctx.mm
         bufs: GradBuffers | None = ctx.bufs
@@ -360,9 +412,12 @@ class _SwiGLUExperts(torch.autograd.Function):
             dw_out = mm.wgrad(silu_gate * up if act is None else act, dy, out=out)
         dact = mm.dgrad(dy, w_out_EFD)
         dh_RF2 = bufs.scratch("dh", h_RF2) if bufs is not None else torch.empty_like(h_RF2)
-        dgate, dup = dh_RF2.chunk(2, dim=-1)
-        torch.mul(dact, silu_gate, out=dup)
-        torch.ops.aten.silu_backward.grad_input(dact.mul_(up), gate, grad_input=dgate)
+        if mm.fused_swiglu:
+            cpu_kernels.swiglu_backward(h_RF2, silu_gate, dact, dh_RF2)
+        else:
+            dgate, dup = dh_RF2.chunk(2, dim=-1)
+            torch.mul(dact, silu_gate, out=dup)
+            torch.ops.aten.silu_backward.grad_input(dact.mul_(up), gate, grad_input=dgate)
         if ctx.needs_input_grad[1]:
             out = bufs.get("w_in", w_in_EDF2) if bufs is not None and mm.wgrad_out else None
             dw_in = mm.wgrad(x, dh_RF2, out=out)
@@ -437,6 +492,8 @@ def plan_dispatch(
             mm = ChunkedMatmul(offs_E, max_groups)
         elif strategy == "gemm_batch":
             mm = GemmBatchMatmul(offs_E)
+        elif strategy == "cpu_kernel":
+            mm = CpuKernelMatmul(offs_E)
         elif strategy == "loop":
             mm = LoopMatmul(offs_E)
         else:

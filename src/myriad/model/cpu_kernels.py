@@ -1,0 +1,249 @@
+"""Myriad's own CPU kernels for the MoE experts (fp32, AVX2/FMA), bound with ctypes.
+
+* ``csrc/grouped_gemm.c``: many experts' matmuls, each with its own row count, in one call
+  that packs each weight slice once into cache (:func:`grouped_matmul`);
+* ``csrc/swiglu.c``: the expert SwiGLU's elementwise part in one pass each way
+  (:func:`swiglu_forward`, :func:`swiglu_backward`).
+
+The C sources ship with the package and are compiled on first use with the system's C compiler
+(``$CC``, else ``cc``) into a per-user cache (``$MYRIAD_CACHE``, else ``$XDG_CACHE_HOME/myriad``,
+else ``~/.cache/myriad``), keyed by the sources, compiler and flags. Where that cannot happen (no
+compiler, no AVX2/FMA, not x86-64, a failed build) :func:`available` is False and the layer uses
+MKL's batch GEMM or the padded ``bmm`` and PyTorch's elementwise ops instead; nothing else
+changes. The library links the OpenMP runtime PyTorch has already loaded, so it shares
+PyTorch's threads.
+
+Before anyone relies on them, the kernels are checked against PyTorch in every layout the MoE
+layer uses, including an empty group and sizes that are not multiples of their blocks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.c")))
+FLAGS = ("-O3", "-mavx2", "-mfma", "-funroll-loops", "-fopenmp", "-fPIC", "-shared")
+
+
+def cache_dir() -> Path:
+    if os.environ.get("MYRIAD_CACHE"):
+        return Path(os.environ["MYRIAD_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "myriad"
+
+
+def _build(compiler: str) -> Path | None:
+    """The compiled library (built now if the cache lacks it), or None if it cannot be."""
+    key = hashlib.sha256(" ".join((compiler, *FLAGS)).encode())
+    for source in SOURCES:
+        key.update(source.read_bytes())
+    path = cache_dir() / "kernels" / f"myriad-cpu-{key.hexdigest()[:16]}.so"
+    if path.is_file():
+        return path
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [compiler, *FLAGS, "-o", str(tmp), *map(str, SOURCES)]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+        os.replace(tmp, path)  # atomic: processes building at once each write their own tmp
+    except (OSError, subprocess.SubprocessError):
+        return None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+@functools.cache
+def _library():
+    """The built library with its functions' signatures set, or None where it cannot be."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None
+    compiler = shutil.which(os.environ.get("CC") or "cc")
+    path = _build(compiler) if compiler else None
+    if path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(path))
+        gemm, fwd, bwd = (
+            lib.myriad_grouped_gemm,
+            lib.myriad_swiglu_forward,
+            lib.myriad_swiglu_backward,
+        )
+    except (OSError, AttributeError):
+        return None
+    i32, i64, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
+    gemm.argtypes = [i32, i64, ptr, ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, i64, ptr, ptr, ptr]
+    gemm.restype = i32
+    fwd.argtypes = [i32, i64, i64, ptr, i64, ptr, ptr]
+    bwd.argtypes = [i32, i64, i64, ptr, i64, ptr, ptr, i64, ptr]
+    fwd.restype = bwd.restype = None
+    return lib
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int]:
+    return t.stride(-2), t.stride(-1)
+
+
+def grouped_matmul(
+    a: torch.Tensor,
+    a_off_G: torch.Tensor,
+    b: torch.Tensor,
+    b_off_G: torch.Tensor,
+    c: torch.Tensor,
+    c_off_G: torch.Tensor,
+    m_G: torch.Tensor | int,
+    n: int,
+    k_G: torch.Tensor | int,
+) -> None:
+    """``C_g = A_g @ B_g`` for every group g in one call; C is overwritten, never read.
+
+    A_g is the (m_g, k_g) matrix starting ``a_off_G[g]`` elements into ``a`` with ``a``'s last
+    two strides (any: a transposed view works), B_g (k_g, n) likewise in ``b`` (one of its two
+    strides must be 1), C_g (m_g, n) in ``c`` (rows of unit stride). ``n`` is shared by all
+    groups; m and k are one per group or shared. A group with k_g = 0 gets zeros. Offsets are
+    CPU integer tensors of length G.
+    """
+    lib = _loaded()
+    _check_fp32_cpu("grouped_matmul", a, b, c)
+    if 1 not in _strides(b) or c.stride(-1) != 1:
+        raise ValueError("grouped_matmul needs B with one unit stride and C with unit-stride rows")
+    groups = a_off_G.numel()
+    if groups == 0:
+        return
+    m, k = (_per_group(v, groups) for v in (m_G, k_G))
+    offs = [_per_group(off, groups) for off in (a_off_G, b_off_G, c_off_G)]
+    _check_inside("A", a, offs[0], m, k)
+    _check_inside("B", b, offs[1], k, np.full(groups, n))
+    _check_inside("C", c, offs[2], m, np.full(groups, n))
+    n_G = np.full(groups, n, dtype=np.int64)
+    status = lib.myriad_grouped_gemm(
+        torch.get_num_threads(), groups,
+        a.data_ptr(), offs[0].ctypes.data, *_strides(a),
+        b.data_ptr(), offs[1].ctypes.data, *_strides(b),
+        c.data_ptr(), offs[2].ctypes.data, c.stride(-2),
+        m.ctypes.data, n_G.ctypes.data, k.ctypes.data,
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError("grouped_matmul could not allocate its packing buffers")
+
+
+def swiglu_forward(h_RF2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigmoid(gate), silu(gate) * up) of each row's [gate | up], two fresh (R, F) tensors."""
+    lib = _loaded()
+    _check_fp32_cpu("swiglu_forward", h_RF2)
+    _check_rows(h_RF2)
+    if h_RF2.shape[1] % 2:
+        raise ValueError(f"swiglu_forward: [gate | up] needs an even width, not {h_RF2.shape[1]}")
+    rows, f = h_RF2.shape[0], h_RF2.shape[1] // 2
+    sig, act = (h_RF2.new_empty(rows, f) for _ in range(2))
+    lib.myriad_swiglu_forward(
+        torch.get_num_threads(), rows, f, h_RF2.data_ptr(), h_RF2.stride(0),
+        sig.data_ptr(), act.data_ptr(),
+    )  # fmt: skip
+    return sig, act
+
+
+def swiglu_backward(
+    h_RF2: torch.Tensor, sig_RF: torch.Tensor, dact_RF: torch.Tensor, out_RF2: torch.Tensor
+) -> torch.Tensor:
+    """[d gate | d up] of silu(gate) * up from its output gradient, written into ``out_RF2``."""
+    lib = _loaded()
+    _check_fp32_cpu("swiglu_backward", h_RF2, sig_RF, dact_RF, out_RF2)
+    rows, f = h_RF2.shape[0], h_RF2.shape[1] // 2
+    for t, width in ((h_RF2, 2 * f), (sig_RF, f), (dact_RF, f), (out_RF2, 2 * f)):
+        if tuple(t.shape) != (rows, width):
+            raise ValueError(f"swiglu_backward: a {tuple(t.shape)} operand, not {(rows, width)}")
+        _check_rows(t)
+    if not (sig_RF.is_contiguous() and out_RF2.is_contiguous()):
+        raise ValueError("swiglu_backward needs contiguous sig and out")
+    lib.myriad_swiglu_backward(
+        torch.get_num_threads(), rows, f, h_RF2.data_ptr(), h_RF2.stride(0),
+        sig_RF.data_ptr(), dact_RF.data_ptr(), dact_RF.stride(0), out_RF2.data_ptr(),
+    )  # fmt: skip
+    return out_RF2
+
+
+def _loaded():
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("Myriad's CPU kernels are not available here")
+    return lib
+
+
+def _check_fp32_cpu(name: str, *tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise ValueError(f"{name} takes fp32 CPU tensors, not {t.dtype} on {t.device}")
+
+
+def _check_rows(t: torch.Tensor) -> None:
+    """Rows of unit stride, as the elementwise kernels read them."""
+    if t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
+        raise ValueError(f"need a 2-d tensor of unit-stride rows, not {tuple(t.shape)}")
+
+
+def _per_group(v: torch.Tensor | int, groups: int) -> np.ndarray:
+    """One contiguous int64 value per group (kept alive by the caller during the call)."""
+    if isinstance(v, torch.Tensor):
+        return np.ascontiguousarray(v.numpy(), dtype=np.int64)
+    return np.full(groups, v, dtype=np.int64)
+
+
+def _check_inside(name: str, t: torch.Tensor, off_G, rows_G, cols_G) -> None:
+    """Refuse a group whose (rows, cols) matrix would reach outside ``t``: C reads raw memory."""
+    rs, cs = _strides(t)
+    last_G = off_G + (rows_G - 1) * rs + (cols_G - 1) * cs
+    span = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+    used_G = (rows_G > 0) & (cols_G > 0)
+    if t.numel() == 0 and used_G.any():
+        raise ValueError(f"grouped_matmul: a group of {name} lies outside its tensor")
+    if (used_G & ((off_G < 0) | (last_G > span))).any():
+        raise ValueError(f"grouped_matmul: a group of {name} lies outside its tensor")
+
+
+@functools.cache
+def available() -> bool:
+    """True when the kernels are built and match PyTorch here in every layout the layer uses."""
+    if _library() is None:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    rows_G, d, f = torch.tensor([7, 0, 13]), 40, 20  # not multiples of the 6 x 16 blocks
+    starts_G = torch.cumsum(rows_G, 0) - rows_G
+    x = torch.randn(int(rows_G.sum()), d, generator=gen)
+    w = torch.randn(3, d, f, generator=gen)
+    w_off = torch.arange(3) * d * f
+    y = torch.full((x.shape[0], f), float("nan"))
+    grouped_matmul(x, starts_G * d, w, w_off, y, starts_G * f, rows_G, f, d)
+    want_y = torch.cat([x[:7] @ w[0], x[7:] @ w[2]])
+    # dgrad: y @ W_g^T with W read transposed (its unit stride along the inner dimension)
+    wt = torch.randn(3, d, f, generator=gen).transpose(1, 2)  # (3, f, d) views
+    dx = torch.full((x.shape[0], d), float("nan"))
+    grouped_matmul(y, starts_G * f, wt, w_off, dx, starts_G * d, rows_G, d, f)
+    want_dx = torch.cat([y[:7] @ wt[0], y[7:] @ wt[2]])
+    # wgrad: x_g^T @ y_g, an empty group giving zeros
+    dw = torch.full((3, d, f), float("nan"))
+    grouped_matmul(x.t(), starts_G * d, y, starts_G * f, dw, w_off, d, f, rows_G)
+    want_dw = torch.stack([x[:7].t() @ y[:7], torch.zeros(d, f), x[7:].t() @ y[7:]])
+    # SwiGLU on a view whose rows are wider than [gate | up], with a width not a multiple of 8
+    h = torch.randn(9, 2 * 11 + 3, generator=gen)[:, 3:] * 4
+    gate, up = h.chunk(2, dim=-1)
+    sig, act = swiglu_forward(h)
+    dact = torch.randn(9, 11, generator=gen)
+    dh = swiglu_backward(h, sig, dact, torch.empty(9, 22))
+    s = torch.sigmoid(gate)  # d silu(g)/dg = s * (1 + g * (1 - s))
+    want_dh = torch.cat([dact * up * s * (1 + gate * (1 - s)), dact * gate * s], dim=1)
+    pairs = [(y, want_y), (dx, want_dx), (dw, want_dw), (sig, s)]
+    pairs += [(act, F.silu(gate) * up), (dh, want_dh)]
+    return all(torch.allclose(got, want, rtol=1e-5, atol=1e-4) for got, want in pairs)

@@ -1,0 +1,135 @@
+"""Myriad's AVX2 grouped GEMM (compiled on first use) against float64 matmuls, group by group."""
+
+import functools
+import platform
+import shutil
+
+import pytest
+import torch
+
+from myriad.model import cpu_kernels
+
+needs_kernel = pytest.mark.skipif(
+    not cpu_kernels.available(), reason="no C compiler or no AVX2 here: the layer uses MKL instead"
+)
+
+
+def test_builds_where_a_compiler_and_avx2_exist():
+    """On x86-64 with AVX2 and a C compiler the kernel must build: not fall back quietly."""
+    if platform.machine() != "x86_64" or shutil.which("cc") is None:
+        pytest.skip("needs x86-64 and cc")
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("no AVX2")
+    assert cpu_kernels.available()
+
+
+def assert_as_exact_as_torch(got, a_list, b_list, stack=torch.cat):
+    """Within 1e-5 of the float64 products, or of torch's own fp32 matmul's error if larger
+    (long sums: 600 fp32 terms here are off by ~2e-5 in torch too)."""
+    exact = stack([a.double() @ b.double() for a, b in zip(a_list, b_list, strict=True)])
+    fp32 = stack([a @ b for a, b in zip(a_list, b_list, strict=True)])
+    bound = max(1e-5, 2 * (fp32.double() - exact).abs().max().item())
+    assert (got.double() - exact).abs().max().item() <= bound
+
+
+def _problem(rows, k, n, gen, b_transposed=False):
+    rows_G = torch.tensor(rows)
+    starts_G = torch.cumsum(rows_G, 0) - rows_G
+    wide = torch.randn(int(rows_G.sum()), k + 5, generator=gen)
+    a = wide[:, 2 : 2 + k]  # row stride k + 5, not k
+    if b_transposed:  # stored (G, n, k), used as its transpose: the input-gradient form
+        b = torch.randn(len(rows), n, k, generator=gen).transpose(1, 2)
+    else:
+        b = torch.randn(len(rows), k, n, generator=gen)
+    return rows_G, starts_G, a, b
+
+
+@needs_kernel
+@pytest.mark.parametrize("b_transposed", [False, True])
+@pytest.mark.parametrize("k, n", [(12, 16), (40, 20), (600, 48), (7, 3)])
+def test_row_blocks_times_per_group_matrices(b_transposed, k, n):
+    """Row counts around the 6-row block, widths around the 16-column panel, depths past the
+    256-row packing depth (accumulated in two passes) and an empty group."""
+    gen = torch.Generator().manual_seed(k * n)
+    rows_G, starts_G, a, b = _problem([5, 0, 17, 1, 6, 12], k, n, gen, b_transposed)
+    c = torch.full((a.shape[0], n), float("nan"))  # garbage in: overwritten, never read
+    b_off_G = torch.arange(6) * b.stride(0)
+    cpu_kernels.grouped_matmul(a, starts_G * (k + 5), b, b_off_G, c, starts_G * n, rows_G, n, k)
+    bounds = list(zip(starts_G.tolist(), rows_G.tolist(), strict=True))
+    assert_as_exact_as_torch(c, [a[s : s + r] for s, r in bounds], [b[g] for g in range(6)])
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [5, 32, 300])
+def test_transposed_rows_sum_over_groups_and_empty_groups_are_zero(n):
+    """The weight-gradient form: Aᵀ @ B per group, summing over that group's rows (300 of them in
+    one group: two packing passes)."""
+    gen = torch.Generator().manual_seed(n)
+    rows_G = torch.tensor([0, 7, 300, 0, 13])
+    starts_G = torch.cumsum(rows_G, 0) - rows_G
+    x = torch.randn(int(rows_G.sum()), 22, generator=gen)
+    dy = torch.randn(x.shape[0], n, generator=gen)
+    out = torch.full((5, 22, n), float("nan"))
+    cpu_kernels.grouped_matmul(
+        x.t(), starts_G * 22, dy, starts_G * n, out, torch.arange(5) * 22 * n, 22, n, rows_G
+    )
+    bounds = list(zip(starts_G.tolist(), rows_G.tolist(), strict=True))
+    xs, dys = [x[s : s + r].t() for s, r in bounds], [dy[s : s + r] for s, r in bounds]
+    assert_as_exact_as_torch(out, xs, dys, stack=torch.stack)
+    assert torch.equal(out[0], torch.zeros(22, n)) and torch.equal(out[3], torch.zeros(22, n))
+
+
+@needs_kernel
+def test_results_do_not_depend_on_the_thread_count():
+    gen = torch.Generator().manual_seed(3)
+    rows_G, starts_G, a, b = _problem([64, 3, 130, 0, 41], 300, 160, gen)
+    args = (a, starts_G * 305, b, torch.arange(5) * b.stride(0))
+    outs = []
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            c = torch.empty(a.shape[0], 160)
+            cpu_kernels.grouped_matmul(*args, c, starts_G * 160, rows_G, 160, 300)
+            outs.append(c)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@needs_kernel
+def test_bad_operands_are_refused_before_the_kernel_runs():
+    a, b, c = torch.ones(4, 3), torch.ones(1, 3, 2), torch.empty(4, 2)
+    off, rows = torch.zeros(1, dtype=torch.int64), torch.tensor([4])
+    with pytest.raises(ValueError, match="fp32 CPU tensors"):
+        cpu_kernels.grouped_matmul(a.double(), off, b, off, c, off, rows, 2, 3)
+    with pytest.raises(ValueError, match="unit stride"):
+        cpu_kernels.grouped_matmul(a, off, b[:, ::2, :][:, :, ::2], off, c, off, rows, 1, 2)
+    with pytest.raises(ValueError, match="a group of C lies outside"):
+        cpu_kernels.grouped_matmul(a, off, b, off, c, off + 1, rows, 2, 3)
+    with pytest.raises(ValueError, match="a group of A lies outside"):
+        cpu_kernels.grouped_matmul(a, off, b, off, torch.empty(5, 2), off, torch.tensor([5]), 2, 3)
+
+
+def test_without_a_compiler_it_is_unavailable_and_nothing_is_left(tmp_path, monkeypatch):
+    """No ``cc``: not available (the layer then uses MKL's batch GEMM), no build debris."""
+    monkeypatch.setenv("MYRIAD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    for fn in (cpu_kernels._library, cpu_kernels.available):
+        monkeypatch.setattr(cpu_kernels, fn.__name__, functools.cache(fn.__wrapped__))
+    assert not cpu_kernels.available()
+    assert not any((tmp_path / "cache").rglob("*.so"))
+
+
+@needs_kernel
+def test_a_failed_build_leaves_no_library_and_a_good_one_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("MYRIAD_CACHE", str(tmp_path))
+    false = shutil.which("false")
+    if false is None:
+        pytest.skip("no false(1)")
+    assert cpu_kernels._build(false) is None  # a compiler that fails
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+    path = cpu_kernels._build(shutil.which("cc"))
+    assert path is not None and path.parent == tmp_path / "kernels"
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary files
+    assert cpu_kernels._build(shutil.which("cc")) == path  # cached: not built again

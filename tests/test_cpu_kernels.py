@@ -60,6 +60,20 @@ def test_row_blocks_times_per_group_matrices(b_transposed, k, n):
 
 
 @needs_kernel
+@pytest.mark.parametrize("b_transposed", [False, True])
+def test_groups_either_side_of_the_wide_item_threshold(b_transposed):
+    """Groups of up to 48 rows with row-major B take one item across all 200 columns, larger
+    ones items of 128 columns; both must give the same products."""
+    gen = torch.Generator().manual_seed(200)
+    rows_G, starts_G, a, b = _problem([48, 49, 3, 70], 30, 200, gen, b_transposed)
+    c = torch.full((a.shape[0], 200), float("nan"))
+    b_off_G = torch.arange(4) * b.stride(0)
+    cpu_kernels.grouped_matmul(a, starts_G * 35, b, b_off_G, c, starts_G * 200, rows_G, 200, 30)
+    bounds = list(zip(starts_G.tolist(), rows_G.tolist(), strict=True))
+    assert_as_exact_as_torch(c, [a[s : s + r] for s, r in bounds], [b[g] for g in range(4)])
+
+
+@needs_kernel
 @pytest.mark.parametrize("n", [5, 32, 300])
 def test_transposed_rows_sum_over_groups_and_empty_groups_are_zero(n):
     """The weight-gradient form: Aᵀ @ B per group, summing over that group's rows (300 of them in

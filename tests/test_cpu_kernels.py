@@ -147,3 +147,68 @@ def test_a_failed_build_leaves_no_library_and_a_good_one_is_cached(tmp_path, mon
     assert path is not None and path.parent == tmp_path / "kernels"
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary files
     assert cpu_kernels._build(shutil.which("cc")) == path  # cached: not built again
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_rows_to_the_buffer_and_back_match_index_ops(k):
+    """Dispatch, weighted gather and the combine's backward against index_copy_/index_select,
+    with every third assignment dropped (its slot past the buffer's end)."""
+    gen = torch.Generator().manual_seed(k)
+    T, D = 7, 37
+    x = torch.randn(T, D, generator=gen)
+    w = torch.rand(T, k, generator=gen)
+    kept = torch.arange(T * k) % 3 != 2
+    rows = int(kept.sum())  # each kept assignment names its own buffer row, in shuffled order
+    slot = torch.full((T * k,), rows)
+    slot[kept] = torch.randperm(rows, generator=gen)
+    buf = torch.full((rows, D), float("nan"))
+    cpu_kernels.dispatch_rows(x, slot, buf)
+    want = torch.full((rows, D), float("nan"))
+    want.index_copy_(0, slot[kept], x.repeat_interleave(k, 0)[kept])
+    assert torch.equal(buf, want)
+
+    rows_A = torch.cat([want, torch.zeros(1, D)])[slot].view(T, k, D)
+    mixed = cpu_kernels.gather_rows(want, slot, w, torch.empty(T, D))
+    assert torch.allclose(mixed, (w.unsqueeze(-1) * rows_A).sum(1), rtol=1e-6, atol=1e-6)
+    summed = cpu_kernels.gather_rows(want, slot, None, torch.empty(T, D))
+    assert torch.allclose(summed, rows_A.sum(1), rtol=1e-6, atol=1e-6)
+
+    dy = torch.randn(T, D, generator=gen)
+    d_buf, dw = torch.full((rows, D), float("nan")), torch.full((T, k), float("nan"))
+    cpu_kernels.combine_backward(want, slot, w, dy, d_buf, dw)
+    d_rows_A = (w.unsqueeze(-1) * dy.unsqueeze(1)).view(T * k, D)
+    assert torch.equal(d_buf, torch.empty(rows, D).index_copy_(0, slot[kept], d_rows_A[kept]))
+    assert torch.allclose(dw, (rows_A * dy.unsqueeze(1)).sum(-1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(dw.flatten()[~kept], torch.zeros(int((~kept).sum())))
+
+
+@needs_kernel
+def test_rows_refuse_what_they_would_misread():
+    x, buf = torch.randn(4, 8), torch.empty(4, 8)
+    with pytest.raises(ValueError, match="4 slots for 4 tokens"):
+        cpu_kernels.dispatch_rows(x, torch.arange(4), torch.empty(4, 9))
+    with pytest.raises(ValueError, match="negative slot"):
+        cpu_kernels.dispatch_rows(x, torch.tensor([0, -1, 2, 3]), buf)
+    with pytest.raises(ValueError, match="int64"):
+        cpu_kernels.dispatch_rows(x, torch.arange(4, dtype=torch.int32), buf)
+    with pytest.raises(ValueError, match="weights must hold 4 x 1"):
+        cpu_kernels.gather_rows(buf, torch.arange(4), torch.ones(3, 1), torch.empty(4, 8))
+
+
+@needs_kernel
+@pytest.mark.parametrize("experts, k", [(64, 2), (256, 1), (6, 6), (40, 16)])
+def test_top_ids_match_torch_topk(experts, k):
+    gen = torch.Generator().manual_seed(experts)
+    scores = torch.randn(300, experts, generator=gen).softmax(-1)
+    assert torch.equal(cpu_kernels.topk_ids(scores, k), scores.topk(k, dim=-1).indices)
+
+
+@needs_kernel
+def test_top_ids_break_ties_by_lower_id_and_stay_valid_for_nan():
+    scores = torch.tensor([[0.2, 0.5, 0.5, 0.1, 0.5], [float("nan")] * 5])
+    ids = cpu_kernels.topk_ids(scores, 2)
+    assert ids[0].tolist() == [1, 2]
+    assert ((ids[1] >= 0) & (ids[1] < 5)).all()
+    with pytest.raises(ValueError, match="k = 17"):
+        cpu_kernels.topk_ids(torch.rand(2, 40), 17)

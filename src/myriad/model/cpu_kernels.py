@@ -3,7 +3,10 @@
 * ``csrc/grouped_gemm.c``: many experts' matmuls, each with its own row count, in one call
   that packs each weight slice once into cache (:func:`grouped_matmul`);
 * ``csrc/swiglu.c``: the expert SwiGLU's elementwise part in one pass each way
-  (:func:`swiglu_forward`, :func:`swiglu_backward`).
+  (:func:`swiglu_forward`, :func:`swiglu_backward`);
+* ``csrc/rows.c``: tokens to the experts' row buffer and back, weighted by the router, in one
+  pass each way (:func:`dispatch_rows`, :func:`gather_rows`, :func:`combine_backward`);
+* ``csrc/topk.c``: the router's top-k expert ids for small k (:func:`topk_ids`).
 
 The C sources ship with the package and are compiled on first use with the system's C compiler
 (``$CC``, else ``cc``) into a per-user cache (``$MYRIAD_CACHE``, else ``$XDG_CACHE_HOME/myriad``,
@@ -81,6 +84,12 @@ def _library():
             lib.myriad_swiglu_forward,
             lib.myriad_swiglu_backward,
         )
+        scatter, gather, combine_bwd = (
+            lib.myriad_dispatch_rows,
+            lib.myriad_gather_rows,
+            lib.myriad_combine_backward,
+        )
+        topk = lib.myriad_topk_rows
     except (OSError, AttributeError):
         return None
     i32, i64, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
@@ -88,7 +97,12 @@ def _library():
     gemm.restype = i32
     fwd.argtypes = [i32, i64, i64, ptr, i64, ptr, ptr]
     bwd.argtypes = [i32, i64, i64, ptr, i64, ptr, ptr, i64, ptr]
-    fwd.restype = bwd.restype = None
+    scatter.argtypes = [i32, i64, i64, i64, ptr, ptr, i64, ptr]
+    gather.argtypes = [i32, i64, i64, i64, ptr, ptr, i64, ptr, ptr]
+    combine_bwd.argtypes = [i32, i64, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr]
+    topk.argtypes = [i32, i64, i64, i64, ptr, ptr]
+    for f in (fwd, bwd, scatter, gather, combine_bwd, topk):
+        f.restype = None
     return lib
 
 
@@ -175,6 +189,89 @@ def swiglu_backward(
     return out_RF2
 
 
+TOPK_MAX = 16  # csrc/topk.c's MAX_K
+
+
+def topk_ids(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
+    """Ids of each row's k largest scores, largest first, the lower id first on a tie (as
+    ``scores_TE.topk(k).indices`` up to ties); 1 <= k <= min(E, ``TOPK_MAX``)."""
+    _check_fp32_cpu("topk_ids", scores_TE)
+    T, E = scores_TE.shape
+    if not 1 <= k <= min(E, TOPK_MAX):
+        raise ValueError(f"topk_ids: k = {k} for {E} experts (at most {TOPK_MAX})")
+    scores_TE = scores_TE.contiguous()
+    ids_TK = torch.empty(T, k, dtype=torch.int64)
+    _loaded().myriad_topk_rows(
+        torch.get_num_threads(), T, E, k, scores_TE.data_ptr(), ids_TK.data_ptr()
+    )
+    return ids_TK
+
+
+def dispatch_rows(x_TD: torch.Tensor, slot_A: torch.Tensor, buf_RD: torch.Tensor) -> None:
+    """``buf_RD[slot_A[t*K+k]] = x_TD[t]`` for every slot inside the buffer (others: dropped)."""
+    T, K, D = _check_rows_problem("dispatch_rows", x_TD, slot_A, buf_RD)
+    _loaded().myriad_dispatch_rows(
+        torch.get_num_threads(), T, K, D, x_TD.data_ptr(), slot_A.data_ptr(), buf_RD.shape[0],
+        buf_RD.data_ptr(),
+    )  # fmt: skip
+
+
+def gather_rows(
+    buf_RD: torch.Tensor, slot_A: torch.Tensor, w_TK: torch.Tensor | None, out_TD: torch.Tensor
+) -> torch.Tensor:
+    """``out_TD[t] = sum_k w_TK[t, k] * buf_RD[slot_A[t*K+k]]`` over slots inside the buffer
+    (``w_TK`` None: weights of 1); a token with none gets zeros. Returns ``out_TD``."""
+    T, K, D = _check_rows_problem("gather_rows", out_TD, slot_A, buf_RD, w_TK)
+    _loaded().myriad_gather_rows(
+        torch.get_num_threads(), T, K, D, buf_RD.data_ptr(), slot_A.data_ptr(), buf_RD.shape[0],
+        None if w_TK is None else w_TK.data_ptr(), out_TD.data_ptr(),
+    )  # fmt: skip
+    return out_TD
+
+
+def combine_backward(
+    buf_RD: torch.Tensor,
+    slot_A: torch.Tensor,
+    w_TK: torch.Tensor,
+    dy_TD: torch.Tensor,
+    d_buf_RD: torch.Tensor,
+    dw_TK: torch.Tensor | None,
+) -> None:
+    """Gradients of :func:`gather_rows` with weights: ``d_buf_RD[slot] = w * dy[t]`` (rows no
+    slot names are left alone) and, unless ``dw_TK`` is None, ``dw_TK[t, k] = row . dy[t]`` (0
+    for a dropped slot)."""
+    T, K, D = _check_rows_problem("combine_backward", dy_TD, slot_A, buf_RD, w_TK, dw_TK)
+    if d_buf_RD.shape != buf_RD.shape or not d_buf_RD.is_contiguous():
+        raise ValueError(f"combine_backward: d_buf must be a contiguous {tuple(buf_RD.shape)}")
+    _check_fp32_cpu("combine_backward", d_buf_RD)
+    _loaded().myriad_combine_backward(
+        torch.get_num_threads(), T, K, D, buf_RD.data_ptr(), slot_A.data_ptr(), buf_RD.shape[0],
+        w_TK.data_ptr(), dy_TD.data_ptr(), d_buf_RD.data_ptr(),
+        None if dw_TK is None else dw_TK.data_ptr(),
+    )  # fmt: skip
+
+
+def _check_rows_problem(
+    name: str, tokens_TD: torch.Tensor, slot_A: torch.Tensor, buf_RD: torch.Tensor, *per_TK
+) -> tuple[int, int, int]:
+    """(T, K, D) of a row move; refuses what the C code would misread (it reads raw memory)."""
+    T, D = tokens_TD.shape
+    K = slot_A.numel() // T if T else 0
+    tensors = [tokens_TD, buf_RD, *(t for t in per_TK if t is not None)]
+    _check_fp32_cpu(name, *tensors)
+    if slot_A.dtype != torch.int64 or slot_A.device.type != "cpu" or not slot_A.is_contiguous():
+        raise ValueError(f"{name}: slots must be a contiguous int64 CPU tensor")
+    if slot_A.numel() != T * K or buf_RD.dim() != 2 or buf_RD.shape[1] != D:
+        raise ValueError(f"{name}: {slot_A.numel()} slots for {T} tokens, buffer {buf_RD.shape}")
+    if any(not t.is_contiguous() for t in tensors):
+        raise ValueError(f"{name} needs contiguous tensors")
+    if any(t.numel() != T * K for t in per_TK if t is not None):
+        raise ValueError(f"{name}: weights must hold {T} x {K} values")
+    if slot_A.numel() and int(slot_A.min()) < 0:
+        raise ValueError(f"{name}: a negative slot")
+    return T, K, D
+
+
 def _loaded():
     lib = _library()
     if lib is None:
@@ -244,6 +341,24 @@ def available() -> bool:
     dh = swiglu_backward(h, sig, dact, torch.empty(9, 22))
     s = torch.sigmoid(gate)  # d silu(g)/dg = s * (1 + g * (1 - s))
     want_dh = torch.cat([dact * up * s * (1 + gate * (1 - s)), dact * gate * s], dim=1)
+    # Rows to the buffer and back, token 1's second assignment dropped (slot 6 >= 6 rows)
+    tokens, w_TK = torch.randn(3, 11, generator=gen), torch.rand(3, 2, generator=gen)
+    slot_A = torch.tensor([4, 0, 2, 6, 5, 1])
+    buf = torch.zeros(6, 11)
+    dispatch_rows(tokens, slot_A, buf)
+    kept = slot_A < 6
+    want_buf = torch.zeros(6, 11).index_copy_(0, slot_A[kept], tokens.repeat_interleave(2, 0)[kept])
+    rows_AD = torch.cat([want_buf, torch.zeros(1, 11)])[slot_A].view(3, 2, 11)
+    mixed = gather_rows(want_buf, slot_A, w_TK, torch.empty(3, 11))
+    d_buf, dw_TK = torch.zeros(6, 11), torch.empty(3, 2)
+    combine_backward(want_buf, slot_A, w_TK, tokens, d_buf, dw_TK)
+    d_rows_AD = (w_TK.unsqueeze(-1) * tokens.unsqueeze(1)).view(6, 11)
+    want_d_buf = torch.zeros(6, 11).index_copy_(0, slot_A[kept], d_rows_AD[kept])
     pairs = [(y, want_y), (dx, want_dx), (dw, want_dw), (sig, s)]
-    pairs += [(act, F.silu(gate) * up), (dh, want_dh)]
+    pairs += [(act, F.silu(gate) * up), (dh, want_dh), (buf, want_buf), (d_buf, want_d_buf)]
+    pairs += [(mixed, (w_TK.unsqueeze(-1) * rows_AD).sum(1))]
+    pairs += [(dw_TK, (rows_AD * tokens.unsqueeze(1)).sum(-1))]
+    scores = torch.tensor([[0.1, 0.7, 0.2, 0.7, 0.05]]).repeat(3, 1)  # a tie: the lower id first
+    if not torch.equal(topk_ids(scores, 3), torch.tensor([[1, 3, 2]]).repeat(3, 1)):
+        return False
     return all(torch.allclose(got, want, rtol=1e-5, atol=1e-4) for got, want in pairs)

@@ -59,7 +59,7 @@ class ExpertMatmul:
     """Per-expert matmuls over a row buffer: ``fwd`` x@w, ``dgrad`` dy@wᵀ, ``wgrad`` xᵀ@dy."""
 
     wgrad_out = False  # whether ``wgrad`` can write into a caller's buffer
-    fused_swiglu = False  # whether the expert SwiGLU uses Myriad's CPU elementwise kernels
+    native_cpu = False  # whether the SwiGLU and the row moves use Myriad's CPU kernels
 
     def fwd(self, x: torch.Tensor, w_EKN: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -289,7 +289,7 @@ class CpuKernelMatmul(ExpertMatmul):
     """
 
     wgrad_out = True
-    fused_swiglu = True
+    native_cpu = True
 
     def __init__(self, offs_E: torch.Tensor) -> None:
         offs_E = offs_E.cpu()
@@ -374,7 +374,7 @@ class _SwiGLUExperts(torch.autograd.Function):
     the product (two (R, F) tensors less memory); on the CPU they are kept
     (``SAVE_ACTIVATIONS_ON_CPU``). Either way one ``silu_backward`` writes dgate and dup straight
     into dh instead of autograd's four separate elementwise kernels. With Myriad's CPU kernels
-    (``mm.fused_swiglu``) the elementwise part is one pass each way, and the sigmoid is kept in
+    (``mm.native_cpu``) the elementwise part is one pass each way, and the sigmoid is kept in
     place of silu(gate) so the backward needs no exp.
     """
 
@@ -382,7 +382,7 @@ class _SwiGLUExperts(torch.autograd.Function):
     def forward(ctx, x, w_in_EDF2, w_out_EFD, mm: ExpertMatmul, bufs: GradBuffers | None):
         h_RF2 = mm.fwd(x, w_in_EDF2)
         ctx.mm, ctx.bufs = mm, bufs
-        if mm.fused_swiglu:
+        if mm.native_cpu:
             sig, act = cpu_kernels.swiglu_forward(h_RF2)
             ctx.save_for_backward(x, h_RF2, w_in_EDF2, w_out_EFD, sig, act)
             return mm.fwd(act, w_out_EFD)
@@ -399,7 +399,7 @@ class _SwiGLUExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        # silu_gate: silu(gate), its sigmoid with fused_swiglu, or None (recomputed)
+        # silu_gate: silu(gate), its sigmoid with native_cpu, or None (recomputed)
         x, h_RF2, w_in_EDF2, w_out_EFD, silu_gate, act = ctx.saved_tensors
         mm: ExpertMatmul = ctx.mm
         bufs: GradBuffers | None = ctx.bufs
@@ -412,7 +412,7 @@ class _SwiGLUExperts(torch.autograd.Function):
             dw_out = mm.wgrad(silu_gate * up if act is None else act, dy, out=out)
         dact = mm.dgrad(dy, w_out_EFD)
         dh_RF2 = bufs.scratch("dh", h_RF2) if bufs is not None else torch.empty_like(h_RF2)
-        if mm.fused_swiglu:
+        if mm.native_cpu:
             cpu_kernels.swiglu_backward(h_RF2, silu_gate, dact, dh_RF2)
         else:
             dgate, dup = dh_RF2.chunk(2, dim=-1)
@@ -519,15 +519,21 @@ class _Dispatch(torch.autograd.Function):
         R = plan.num_rows
         alloc = torch.zeros if plan.zero_fill else torch.empty
         buf_RD = alloc(R + 1, D, dtype=x_TD.dtype, device=x_TD.device)  # + the trash row
+        ctx.plan, ctx.num_tokens = plan, T
+        if plan.mm.native_cpu:
+            cpu_kernels.dispatch_rows(x_TD.contiguous(), plan.slot_A, buf_RD[:R])
+            return buf_RD[:R]
         for slot_T in plan.slot_A.view(T, -1).unbind(1):
             buf_RD.index_copy_(0, slot_T, x_TD)
-        ctx.plan, ctx.num_tokens = plan, T
         return buf_RD[:R]
 
     @staticmethod
     def backward(ctx, d_rows):
         plan: DispatchPlan = ctx.plan
         T = ctx.num_tokens
+        if plan.mm.native_cpu:
+            out_TD = d_rows.new_empty(T, d_rows.shape[1])
+            return cpu_kernels.gather_rows(d_rows.contiguous(), plan.slot_A, None, out_TD), None
         slots_TK = plan.slot_A.view(T, -1)
         keep_TK = None if plan.keep_A is None else plan.keep_A.view(T, -1)
         dx_TD = None
@@ -547,6 +553,12 @@ class _Combine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y_RD, weights_TK, plan: DispatchPlan):
+        ctx.plan, ctx.num_rows, ctx.weights_dtype = plan, y_RD.shape[0], weights_TK.dtype
+        if plan.mm.native_cpu:  # the backward reads the rows from the buffer, not a gathered copy
+            y_RD, w_TK = y_RD.contiguous(), weights_TK.contiguous()
+            ctx.save_for_backward(y_RD, w_TK)
+            out_TD = y_RD.new_empty(w_TK.shape[0], y_RD.shape[1])
+            return cpu_kernels.gather_rows(y_RD, plan.slot_A, w_TK, out_TD)
         w_TK = _kept_weights(weights_TK, plan).to(y_RD.dtype)
         T, K = w_TK.shape
         y_TKD = _gather_rows(y_RD, plan.slot_A, plan.keep_A).view(T, K, -1)
@@ -554,13 +566,18 @@ class _Combine(torch.autograd.Function):
         for k in range(1, K):  # per k: no weighted (T, K, D) copy to sum
             y_TD += y_TKD[:, k] * w_TK[:, k : k + 1]
         ctx.save_for_backward(y_TKD, w_TK)
-        ctx.plan, ctx.num_rows, ctx.weights_dtype = plan, y_RD.shape[0], weights_TK.dtype
         return y_TD
 
     @staticmethod
     def backward(ctx, dy_TD):
-        y_TKD, w_TK = ctx.saved_tensors
         plan: DispatchPlan = ctx.plan
+        if plan.mm.native_cpu:
+            y_RD, w_TK = ctx.saved_tensors
+            d_rows = torch.zeros_like(y_RD) if plan.zero_fill else torch.empty_like(y_RD)
+            dw_TK = torch.empty_like(w_TK) if ctx.needs_input_grad[1] else None
+            cpu_kernels.combine_backward(y_RD, plan.slot_A, w_TK, dy_TD.contiguous(), d_rows, dw_TK)
+            return d_rows, dw_TK, None
+        y_TKD, w_TK = ctx.saved_tensors
         T, K, D = y_TKD.shape
         dw_TK = None
         if ctx.needs_input_grad[1]:  # dropped assignments' rows read as 0

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from myriad.model import cpu_kernels
 from myriad.model.config import MoEConfig
 
 
@@ -50,7 +51,7 @@ class TopKRouter(nn.Module):
         scores_TE = probs_TE
         if self.bias_update_rate > 0:
             scores_TE = probs_TE + self.selection_bias_E
-        expert_ids_TK = scores_TE.topk(self.top_k, dim=-1).indices
+        expert_ids_TK = _top_ids(scores_TE, self.top_k)
         weights_TK = probs_TE.gather(1, expert_ids_TK)
         if self.norm_topk and self.top_k > 1:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
@@ -74,6 +75,15 @@ class TopKRouter(nn.Module):
             return
         load_E = tokens_per_expert_E.float().to(self.selection_bias_E.device)
         self.selection_bias_E += self.bias_update_rate * torch.sign(load_E.mean() - load_E)
+
+
+def _top_ids(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
+    """Each token's k highest-scoring experts, highest first. On the CPU Myriad's kernel when it
+    is built: PyTorch's CPU topk took 0.8 ms of a 50 ms layer step at 64 experts."""
+    small = k <= min(scores_TE.shape[1], cpu_kernels.TOPK_MAX)
+    if scores_TE.device.type == "cpu" and small and cpu_kernels.available():
+        return cpu_kernels.topk_ids(scores_TE, k)
+    return scores_TE.topk(k, dim=-1).indices
 
 
 def _log_partition(

@@ -254,54 +254,23 @@ class GemmBatchMatmul(ExpertMatmul):
         self.rows_E = torch.diff(offs_E, prepend=offs_E.new_zeros(1))
         self.starts_E = offs_E - self.rows_E
 
-    def fwd(self, x_RK, w_EKN):
-        E, K, N = w_EKN.shape
-        y_RN = x_RK.new_empty(x_RK.shape[0], N)
-        if y_RN.numel():
-            x_RK = _unit_stride(x_RK)
-            w_off_E = torch.arange(E) * w_EKN.stride(0)
-            gemm_batch.grouped_gemm(
-                x_RK, self.starts_E * x_RK.stride(0),
-                w_EKN, w_off_E,
-                y_RN, self.starts_E * N,
-                self.rows_E, N, K,
-            )  # fmt: skip
-        return y_RN
+    def _grouped(self, *problem) -> None:
+        """``C_g = A_g @ B_g`` for every expert g in one call (``gemm_batch.grouped_gemm``)."""
+        gemm_batch.grouped_gemm(*problem)
 
-    def wgrad(self, x_RK, dy_RN, out=None):
-        E, K, N = self.rows_E.numel(), x_RK.shape[1], dy_RN.shape[1]
-        dw_EKN = x_RK.new_empty(E, K, N) if out is None else out
-        x_RK, dy_RN = _unit_stride(x_RK), _unit_stride(dy_RN)
-        gemm_batch.grouped_gemm(  # experts with no rows get zeros (k = 0)
-            x_RK.t(), self.starts_E * x_RK.stride(0),
-            dy_RN, self.starts_E * dy_RN.stride(0),
-            dw_EKN, torch.arange(E) * dw_EKN.stride(0),
-            K, N, self.rows_E,
-        )  # fmt: skip
-        return dw_EKN
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        """A row-block operand as the library reads it: MKL needs rows of unit stride."""
+        return _unit_stride(t)
 
-
-class CpuKernelMatmul(ExpertMatmul):
-    """Rows packed by expert, every expert's product in one call of ``cpu_kernels`` (fp32 CPU).
-
-    Unlike MKL it reads operands through their strides: a transposed weight (dgrad) or a
-    transposed row block (wgrad) is never copied.
-    """
-
-    wgrad_out = True
-    native_cpu = True
-
-    def __init__(self, offs_E: torch.Tensor) -> None:
-        offs_E = offs_E.cpu()
-        self.rows_E = torch.diff(offs_E, prepend=offs_E.new_zeros(1))
-        self.starts_E = offs_E - self.rows_E
+    def _weights(self, w: torch.Tensor) -> torch.Tensor:
+        return w
 
     def fwd(self, x_RK, w_EKN):
         E, K, N = w_EKN.shape
         y_RN = x_RK.new_empty(x_RK.shape[0], N)
         if y_RN.numel():
-            w_EKN = w_EKN if 1 in w_EKN.stride()[1:] else w_EKN.contiguous()
-            cpu_kernels.grouped_matmul(
+            x_RK, w_EKN = self._rows(x_RK), self._weights(w_EKN)
+            self._grouped(
                 x_RK, self.starts_E * x_RK.stride(0),
                 w_EKN, torch.arange(E) * w_EKN.stride(0),
                 y_RN, self.starts_E * N,
@@ -312,14 +281,33 @@ class CpuKernelMatmul(ExpertMatmul):
     def wgrad(self, x_RK, dy_RN, out=None):
         E, K, N = self.rows_E.numel(), x_RK.shape[1], dy_RN.shape[1]
         dw_EKN = x_RK.new_empty(E, K, N) if out is None else out
-        dy_RN = dy_RN if 1 in dy_RN.stride() else dy_RN.contiguous()
-        cpu_kernels.grouped_matmul(  # experts with no rows get zeros (k = 0)
+        x_RK, dy_RN = self._rows(x_RK), self._rows(dy_RN)
+        self._grouped(  # experts with no rows get zeros (k = 0)
             x_RK.t(), self.starts_E * x_RK.stride(0),
             dy_RN, self.starts_E * dy_RN.stride(0),
             dw_EKN, torch.arange(E) * dw_EKN.stride(0),
             K, N, self.rows_E,
         )  # fmt: skip
         return dw_EKN
+
+
+class CpuKernelMatmul(GemmBatchMatmul):
+    """The same layout on Myriad's own ``cpu_kernels`` (fp32 CPU).
+
+    Unlike MKL it reads operands through their strides: a transposed weight (dgrad) or a
+    transposed row block (wgrad) is never copied.
+    """
+
+    native_cpu = True
+
+    def _grouped(self, *problem) -> None:
+        cpu_kernels.grouped_matmul(*problem)
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:  # any one unit stride
+        return t if 1 in t.stride() else t.contiguous()
+
+    def _weights(self, w: torch.Tensor) -> torch.Tensor:
+        return w if 1 in w.stride()[1:] else w.contiguous()
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:

@@ -74,6 +74,19 @@ def test_groups_either_side_of_the_wide_item_threshold(b_transposed):
 
 
 @needs_kernel
+def test_groups_either_side_of_the_dot_product_threshold():
+    """With B a weight read transposed, groups of up to 16 rows take dot products over 256
+    weight rows per item (300 columns: two items), larger ones the packed path."""
+    gen = torch.Generator().manual_seed(16)
+    rows_G, starts_G, a, b = _problem([16, 17, 9, 1, 4], 37, 300, gen, b_transposed=True)
+    c = torch.full((a.shape[0], 300), float("nan"))
+    b_off_G = torch.arange(5) * b.stride(0)
+    cpu_kernels.grouped_matmul(a, starts_G * 42, b, b_off_G, c, starts_G * 300, rows_G, 300, 37)
+    bounds = list(zip(starts_G.tolist(), rows_G.tolist(), strict=True))
+    assert_as_exact_as_torch(c, [a[s : s + r] for s, r in bounds], [b[g] for g in range(5)])
+
+
+@needs_kernel
 @pytest.mark.parametrize("n", [5, 32, 300])
 def test_transposed_rows_sum_over_groups_and_empty_groups_are_zero(n):
     """The weight-gradient form: Aᵀ @ B per group, summing over that group's rows (300 of them in
@@ -94,10 +107,11 @@ def test_transposed_rows_sum_over_groups_and_empty_groups_are_zero(n):
 
 
 @needs_kernel
-def test_results_do_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("b_transposed", [False, True])
+def test_results_do_not_depend_on_the_thread_count(b_transposed):
     gen = torch.Generator().manual_seed(3)
-    rows_G, starts_G, a, b = _problem([64, 3, 130, 0, 41], 300, 160, gen)
-    args = (a, starts_G * 305, b, torch.arange(5) * b.stride(0))
+    rows_G, starts_G, a, b = _problem([64, 3, 130, 0, 41, 12], 300, 160, gen, b_transposed)
+    args = (a, starts_G * 305, b, torch.arange(6) * b.stride(0))
     outs = []
     threads = torch.get_num_threads()
     try:

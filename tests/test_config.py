@@ -104,3 +104,15 @@ def test_invalid_toml_and_missing_recipe(tmp_path):
         load_recipe(str(tmp_path / "absent.toml"))
     with pytest.raises(UserError, match="unknown recipe 'tiny'; shipped recipes: base"):
         load_recipe("tiny")
+
+
+def test_warm_up_longer_than_the_run_is_warned_about_not_refused():
+    from myriad.train.config import TrainConfig
+    from myriad.train.optim import lr_multiplier
+    from myriad.train.pretrain import schedule_warning
+
+    assert schedule_warning(TrainConfig(steps=100, warmup_steps=60)) is None
+    said = schedule_warning(TrainConfig(steps=20, warmup_steps=80))
+    assert said is not None and "train.warmup_steps (80) >= train.steps (20)" in said
+    peak = lr_multiplier(19, steps=20, warmup_steps=80, min_lr_ratio=0.1)  # the last step's
+    assert f"peaks at {peak:.0%} of train.lr" in said and peak == 0.25

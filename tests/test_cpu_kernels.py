@@ -1,8 +1,10 @@
 """Myriad's AVX2 grouped GEMM (compiled on first use) against float64 matmuls, group by group."""
 
 import functools
+import os
 import platform
 import shutil
+import time
 
 import pytest
 import torch
@@ -161,6 +163,22 @@ def test_a_failed_build_leaves_no_library_and_a_good_one_is_cached(tmp_path, mon
     assert path is not None and path.parent == tmp_path / "kernels"
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary files
     assert cpu_kernels._build(shutil.which("cc")) == path  # cached: not built again
+
+
+@needs_kernel
+def test_a_new_build_prunes_only_libraries_unused_for_two_weeks(tmp_path, monkeypatch):
+    monkeypatch.setenv("MYRIAD_CACHE", str(tmp_path))
+    (tmp_path / "kernels").mkdir()
+    stale, recent = tmp_path / "kernels" / "old-a.so", tmp_path / "kernels" / "old-b.so"
+    for path, days in ((stale, cpu_kernels.UNUSED_DAYS + 1), (recent, cpu_kernels.UNUSED_DAYS - 1)):
+        path.write_bytes(b"")
+        os.utime(path, (time.time() - days * 86400,) * 2)
+    built = cpu_kernels._build(shutil.which("cc"))
+    assert built is not None
+    assert sorted(p.name for p in built.parent.iterdir()) == sorted([built.name, recent.name])
+    os.utime(built, (time.time() - 30 * 86400,) * 2)
+    assert cpu_kernels._build(shutil.which("cc")) == built  # loading it marks it in use again
+    assert built.stat().st_mtime > time.time() - 60
 
 
 @needs_kernel

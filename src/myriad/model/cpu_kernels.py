@@ -22,6 +22,7 @@ layer uses, including an empty group and sizes that are not multiples of their b
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -29,6 +30,7 @@ import os
 import platform
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +54,7 @@ def _build(compiler: str) -> Path | None:
         key.update(source.read_bytes())
     path = cache_dir() / "kernels" / f"myriad-cpu-{key.hexdigest()[:16]}.so"
     if path.is_file():
+        _touch(path)  # marks it in use, so that pruning keeps it
         return path
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
@@ -63,7 +66,26 @@ def _build(compiler: str) -> Path | None:
         return None
     finally:
         tmp.unlink(missing_ok=True)
+    _prune(path.parent, keep=path)
     return path
+
+
+UNUSED_DAYS = 14  # a cached library no process has loaded for this long is deleted
+
+
+def _touch(path: Path) -> None:
+    with contextlib.suppress(OSError):  # a read-only cache still works, it just is not pruned
+        os.utime(path)
+
+
+def _prune(folder: Path, keep: Path) -> None:
+    """Delete libraries built from older sources that nothing has loaded for UNUSED_DAYS (one
+    per source version would otherwise pile up). A process that has one loaded keeps it."""
+    cutoff = time.time() - UNUSED_DAYS * 86400
+    for old in folder.glob("*.so"):
+        with contextlib.suppress(OSError):  # another process pruned it first
+            if old != keep and old.stat().st_mtime < cutoff:
+                old.unlink()
 
 
 @functools.cache

@@ -22,6 +22,7 @@ from myriad.engine import runtime as engine_runtime
 from myriad.errors import UserError
 from myriad.model import MoETransformerLM, count_parameters
 from myriad.train import checkpoint, hotstart, shard_checkpoint
+from myriad.train.config import TrainConfig
 from myriad.train.device import autocast_factory, precision_name, resolve_device
 from myriad.train.loop import BatchStream, Loop, run_loop
 from myriad.train.metrics import MetricsLogger, read_metrics, truncate_metrics
@@ -280,6 +281,20 @@ def _log_start(log: Callable, cfg: RunConfig, loop: Loop, prepared: PreparedData
     log(
         f"device: {loop.device} ({precision_name(t.precision, loop.device)}); {t.steps} steps of "
         f"{tokens_per_step:,} tokens = {t.steps * tokens_per_step:,} tokens"
+    )
+    if warning := schedule_warning(t):
+        log(warning)
+
+
+def schedule_warning(t: TrainConfig) -> str | None:
+    """A warning when warm-up outlasts the run: legal (a short test of a long recipe), rarely
+    meant, so it is said rather than refused."""
+    if t.warmup_steps < t.steps:
+        return None
+    return (
+        f"warning: train.warmup_steps ({t.warmup_steps}) >= train.steps ({t.steps}): the "
+        f"learning rate never leaves warm-up (it peaks at {t.steps / t.warmup_steps:.0%} of "
+        "train.lr on the last step) and never decays"
     )
 
 

@@ -33,9 +33,10 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+
+from myriad.model.gemm_batch import Groups, per_group, span
 
 SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.c")))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-funroll-loops", "-fopenmp", "-fPIC", "-shared")
@@ -116,6 +117,7 @@ def _library():
         return None
     i32, i64, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
     gemm.argtypes = [i32, i64, ptr, ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, i64, ptr, ptr, ptr]
+    gemm.argtypes += [i64, i64, i64]  # the operands' spans
     gemm.restype = i32
     fwd.argtypes = [i32, i64, i64, ptr, i64, ptr, ptr]
     bwd.argtypes = [i32, i64, i64, ptr, i64, ptr, ptr, i64, ptr]
@@ -134,14 +136,14 @@ def _strides(t: torch.Tensor) -> tuple[int, int]:
 
 def grouped_matmul(
     a: torch.Tensor,
-    a_off_G: torch.Tensor,
+    a_off_G: Groups,
     b: torch.Tensor,
-    b_off_G: torch.Tensor,
+    b_off_G: Groups,
     c: torch.Tensor,
-    c_off_G: torch.Tensor,
-    m_G: torch.Tensor | int,
+    c_off_G: Groups,
+    m_G: Groups | int,
     n: int,
-    k_G: torch.Tensor | int,
+    k_G: Groups | int,
 ) -> None:
     """``C_g = A_g @ B_g`` for every group g in one call; C is overwritten, never read.
 
@@ -149,30 +151,29 @@ def grouped_matmul(
     two strides (any: a transposed view works), B_g (k_g, n) likewise in ``b`` (one of its two
     strides must be 1), C_g (m_g, n) in ``c`` (rows of unit stride). ``n`` is shared by all
     groups; m and k are one per group or shared. A group with k_g = 0 gets zeros. Offsets are
-    CPU integer tensors of length G.
+    integer CPU tensors or numpy arrays of length G.
     """
     lib = _loaded()
     _check_fp32_cpu("grouped_matmul", a, b, c)
     if 1 not in _strides(b) or c.stride(-1) != 1:
         raise ValueError("grouped_matmul needs B with one unit stride and C with unit-stride rows")
-    groups = a_off_G.numel()
+    groups = len(a_off_G)
     if groups == 0:
         return
-    m, k = (_per_group(v, groups) for v in (m_G, k_G))
-    offs = [_per_group(off, groups) for off in (a_off_G, b_off_G, c_off_G)]
-    _check_inside("A", a, offs[0], m, k)
-    _check_inside("B", b, offs[1], k, np.full(groups, n))
-    _check_inside("C", c, offs[2], m, np.full(groups, n))
-    n_G = np.full(groups, n, dtype=np.int64)
+    m, n_G, k = (per_group(v, groups) for v in (m_G, n, k_G))
+    offs = [per_group(off, groups) for off in (a_off_G, b_off_G, c_off_G)]
     status = lib.myriad_grouped_gemm(
         torch.get_num_threads(), groups,
         a.data_ptr(), offs[0].ctypes.data, *_strides(a),
         b.data_ptr(), offs[1].ctypes.data, *_strides(b),
         c.data_ptr(), offs[2].ctypes.data, c.stride(-2),
         m.ctypes.data, n_G.ctypes.data, k.ctypes.data,
+        span(a), span(b), span(c),
     )  # fmt: skip
-    if status != 0:
+    if status == -1:
         raise MemoryError("grouped_matmul could not allocate its packing buffers")
+    if status != 0:  # C reads raw memory: it checks every group first
+        raise ValueError(f"grouped_matmul: a group of {'ABC'[-2 - status]} lies outside its tensor")
 
 
 def swiglu_forward(h_RF2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,25 +312,6 @@ def _check_rows(t: torch.Tensor) -> None:
     """Rows of unit stride, as the elementwise kernels read them."""
     if t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
         raise ValueError(f"need a 2-d tensor of unit-stride rows, not {tuple(t.shape)}")
-
-
-def _per_group(v: torch.Tensor | int, groups: int) -> np.ndarray:
-    """One contiguous int64 value per group (kept alive by the caller during the call)."""
-    if isinstance(v, torch.Tensor):
-        return np.ascontiguousarray(v.numpy(), dtype=np.int64)
-    return np.full(groups, v, dtype=np.int64)
-
-
-def _check_inside(name: str, t: torch.Tensor, off_G, rows_G, cols_G) -> None:
-    """Refuse a group whose (rows, cols) matrix would reach outside ``t``: C reads raw memory."""
-    rs, cs = _strides(t)
-    last_G = off_G + (rows_G - 1) * rs + (cols_G - 1) * cs
-    span = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
-    used_G = (rows_G > 0) & (cols_G > 0)
-    if t.numel() == 0 and used_G.any():
-        raise ValueError(f"grouped_matmul: a group of {name} lies outside its tensor")
-    if (used_G & ((off_G < 0) | (last_G > span))).any():
-        raise ValueError(f"grouped_matmul: a group of {name} lies outside its tensor")
 
 
 @functools.cache

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+Groups = torch.Tensor | np.ndarray  # one integer per group, on the CPU
+
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 _F32 = 4  # bytes per element: MKL's sgemm is fp32 only
 
@@ -52,10 +54,20 @@ def _layout(t: torch.Tensor) -> tuple[int, int]:
     raise ValueError("gemm_batch needs matrices with one unit stride")
 
 
-def _per_group(v: torch.Tensor | int, groups: int) -> np.ndarray:
-    """One int64 value per group (a CPU tensor's numbers, or one int repeated)."""
+def span(t: torch.Tensor) -> int:
+    """Elements addressable from ``t``'s pointer through its shape and strides."""
+    if t.numel() == 0:
+        return 0
+    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+
+
+def per_group(v: torch.Tensor | np.ndarray | int, groups: int) -> np.ndarray:
+    """One contiguous int64 value per group: a CPU tensor's or an array's numbers, or one int
+    repeated (the caller keeps it alive while a library reads it)."""
     if isinstance(v, torch.Tensor):
-        return v.numpy().astype(np.int64, copy=False)
+        v = v.numpy()
+    if isinstance(v, np.ndarray):
+        return np.ascontiguousarray(v, dtype=np.int64)
     return np.full(groups, v, dtype=np.int64)
 
 
@@ -71,31 +83,30 @@ def _check_inside(
     """Refuse a group whose (rows, cols) matrix would reach outside ``t``: MKL reads raw memory."""
     stored_rows, stored_cols = (cols_G, rows_G) if trans == _TRANS else (rows_G, cols_G)
     end_G = off_G + (stored_rows - 1) * ld + stored_cols
-    extent = sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
-    span = 0 if t.numel() == 0 else 1 + extent
     used_G = (rows_G > 0) & (cols_G > 0)
-    if (used_G & ((off_G < 0) | (end_G > span))).any():
+    if (used_G & ((off_G < 0) | (end_G > span(t)))).any():
         raise ValueError(f"gemm_batch: a group of {name} lies outside its tensor")
 
 
 def grouped_gemm(
     a: torch.Tensor,
-    a_off_G: torch.Tensor,
+    a_off_G: Groups,
     b: torch.Tensor,
-    b_off_G: torch.Tensor,
+    b_off_G: Groups,
     c: torch.Tensor,
-    c_off_G: torch.Tensor,
-    m_G: torch.Tensor | int,
-    n_G: torch.Tensor | int,
-    k_G: torch.Tensor | int,
+    c_off_G: Groups,
+    m_G: Groups | int,
+    n_G: Groups | int,
+    k_G: Groups | int,
 ) -> None:
     """``C_g = A_g @ B_g`` for every group g, in one MKL call; C is overwritten, never read.
 
     A_g is the (m_g, k_g) matrix that starts ``a_off_G[g]`` elements into ``a``, laid out with
     ``a``'s strides (its last two dims; a transposed view works), and likewise B_g (k_g, n_g) in
     ``b`` and C_g (m_g, n_g) in ``c`` (row-major). A group with k_g = 0 gets C_g = 0. Offsets are
-    integer CPU tensors of length G (the number of groups); each size is one too, or an int
-    shared by all groups. A group reaching outside its tensor is refused before MKL runs.
+    integer CPU tensors or numpy arrays of length G (the number of groups); each size is one too,
+    or an int shared by all groups. A group reaching outside its tensor is refused before MKL
+    runs.
     """
     fn = _sgemm_batch()
     if fn is None:
@@ -106,12 +117,12 @@ def grouped_gemm(
     (ta, lda), (tb, ldb), (tc, ldc) = _layout(a), _layout(b), _layout(c)
     if tc != _NO_TRANS:
         raise ValueError("gemm_batch writes row-major outputs only")
-    groups = a_off_G.numel()
+    groups = len(a_off_G)
     if groups == 0:
         return
     # numpy, not torch, for these small per-call arrays: ~1 us per operation instead of ~5.
-    m, n, k = (_per_group(v, groups) for v in (m_G, n_G, k_G))
-    offsets = [_per_group(off, groups) for off in (a_off_G, b_off_G, c_off_G)]
+    m, n, k = (per_group(v, groups) for v in (m_G, n_G, k_G))
+    offsets = [per_group(off, groups) for off in (a_off_G, b_off_G, c_off_G)]
     for name, t, off, rows, cols, trans, ld in (
         ("A", a, offsets[0], m, k, ta, lda),
         ("B", b, offsets[1], k, n, tb, ldb),

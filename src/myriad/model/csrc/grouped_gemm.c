@@ -252,12 +252,25 @@ static void run_item(const problem *pr, int64_t g, int64_t item, float *pack) {
     }
 }
 
-/* Returns 0, or -1 when the packing buffers could not be allocated (C is then unspecified). */
+/* Whether a (rows x cols) matrix at off with strides rs, cs reaches outside [0, span). */
+static int outside(int64_t off, int64_t rows, int64_t cols, int64_t rs, int64_t cs, int64_t span) {
+    return rows > 0 && cols > 0 && (off < 0 || off + (rows - 1) * rs + (cols - 1) * cs >= span);
+}
+
+/* Returns 0; -2, -3 or -4 when a group of A, B or C would reach outside the span elements that
+ * lie from its pointer (checked for every group before anything runs); or -1 when the packing
+ * buffers could not be allocated (C is then unspecified). */
 int myriad_grouped_gemm(int threads, int64_t groups,
                         const float *a, const int64_t *a_off, int64_t a_rs, int64_t a_cs,
                         const float *b, const int64_t *b_off, int64_t b_rs, int64_t b_cs,
                         float *c, const int64_t *c_off, int64_t c_rs,
-                        const int64_t *m, const int64_t *n, const int64_t *k) {
+                        const int64_t *m, const int64_t *n, const int64_t *k,
+                        int64_t a_span, int64_t b_span, int64_t c_span) {
+    for (int64_t g = 0; g < groups; g++) {
+        if (outside(a_off[g], m[g], k[g], a_rs, a_cs, a_span)) return -2;
+        if (outside(b_off[g], k[g], n[g], b_rs, b_cs, b_span)) return -3;
+        if (outside(c_off[g], m[g], n[g], c_rs, 1, c_span)) return -4;
+    }
     const problem pr = {a, b, c, a_off, b_off, c_off, m, n, k, a_rs, a_cs, b_rs, b_cs, c_rs};
     int64_t *first = malloc((groups + 1) * sizeof(int64_t)); /* first item of each group */
     if (!first) return -1;

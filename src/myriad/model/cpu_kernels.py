@@ -117,7 +117,7 @@ def _library():
         return None
     i32, i64, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
     gemm.argtypes = [i32, i64, ptr, ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, i64, ptr, ptr, ptr]
-    gemm.argtypes += [i64, i64, i64]  # the operands' spans
+    gemm.argtypes += [i64] * 3  # the spans of A, B and C
     gemm.restype = i32
     fwd.argtypes = [i32, i64, i64, ptr, i64, ptr, ptr]
     bwd.argtypes = [i32, i64, i64, ptr, i64, ptr, ptr, i64, ptr]

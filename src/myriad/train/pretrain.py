@@ -26,7 +26,7 @@ from myriad.train.config import TrainConfig
 from myriad.train.device import autocast_factory, precision_name, resolve_device
 from myriad.train.loop import BatchStream, Loop, run_loop
 from myriad.train.metrics import MetricsLogger, read_metrics, truncate_metrics
-from myriad.train.optim import build_scheduler
+from myriad.train.optim import build_scheduler, lr_multiplier
 from myriad.train.plots import plot_expert_load, plot_losses
 from myriad.train.routing_stats import count_batches, token_counts
 from myriad.train.state import Progress, restore_rng, restore_trainer_state, seed_everything
@@ -291,10 +291,11 @@ def schedule_warning(t: TrainConfig) -> str | None:
     meant, so it is said rather than refused."""
     if t.warmup_steps < t.steps:
         return None
+    peak = lr_multiplier(t.steps - 1, steps=t.steps, warmup_steps=t.warmup_steps, min_lr_ratio=0)
     return (
         f"warning: train.warmup_steps ({t.warmup_steps}) >= train.steps ({t.steps}): the "
-        f"learning rate never leaves warm-up (it peaks at {t.steps / t.warmup_steps:.0%} of "
-        "train.lr on the last step) and never decays"
+        f"learning rate never leaves warm-up (it peaks at {peak:.0%} of train.lr on the last "
+        "step) and never decays"
     )
 
 
